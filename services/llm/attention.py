@@ -105,21 +105,22 @@ class SDPABackend:
             k = torch.cat([k_old.to(q.dtype), k_new[s:e]], 0)  # [ctx + n, Hkv, D]
             v = torch.cat([v_old.to(q.dtype), v_new[s:e]], 0)
             mask = prefix_block_mask(e - s, meta.ctx_lens[i], meta.causal[i], q.device)
-            # [H, n, D] layout for SDPA; GQA by repeating KV heads.
-            qh = q[s:e].transpose(0, 1)
-            kh = k.transpose(0, 1).repeat_interleave(rep, dim=0)
-            vh = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+            # [1, H, n, D] layout (4-D and contiguous: torch's CPU flash kernel, not the slow math path); GQA by
+            # repeating KV heads.
+            qh = q[s:e].transpose(0, 1).contiguous()[None]
+            kh = k.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
+            vh = v.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-            out[s:e] = o.transpose(0, 1)
+            out[s:e] = o[0].transpose(0, 1)
         return out
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
         out = torch.empty_like(q)
         cu = cu_seqlens.tolist()
         for s, e in zip(cu[:-1], cu[1:]):
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), scale=scale)
-            out[s:e] = o.transpose(0, 1)
+            qh, kh, vh = (x[s:e].transpose(0, 1).contiguous()[None] for x in (q, k, v))  # [1, H, n, D]
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+            out[s:e] = o[0].transpose(0, 1)
         return out
 
 

@@ -1,0 +1,488 @@
+"""The LLM engine, transport-free: KV contexts, text decoding and the flow-matching image loop.
+
+The ladder, bottom up:
+  _forward(seqs, commit)      one packed forward over several (context, block) pairs
+  append(pairs)               add blocks to contexts (text, ViT or clean-VAE), all in one forward
+  decode_text(ctx)            prefill `<|im_start|>`, then one token per forward until `<|im_end|>`
+  denoise_step(...)           the CFG branches of one step as ONE batched forward -> apply_cfg
+  generate_latent(...)        the Euler loop over the shifted schedule
+  build_cfg_contexts(items)   the cond / no-text / no-image contexts of the reference inferencer
+  understand / generate_image the workflows' LLM side, think mode included
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from services.common.config import BagelConfig
+from services.common.tokenizer import BagelTokenizer
+from services.llm.attention import AttentionBackend, AttentionMetadata, get_backend
+from services.llm.flow import RENORM_TYPES, apply_cfg, cfg_active, sample_token, timestep_schedule
+from services.llm.kv_cache import KVContext, PagedKVCache
+from services.llm.model import BagelLLM
+from services.vae.model import latent_position_ids, patchify_latent, unpatchify_latent
+from services.vit.model import vit_position_ids
+
+UNDERSTAND_THINK_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here"
+)
+GENERATE_THINK_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here"
+)
+
+
+class InputError(ValueError):
+    """The request is invalid (out-of-range parameter, over-long prompt...): the caller's fault."""
+
+
+class Cancelled(RuntimeError):
+    """The request was cancelled between two steps."""
+
+
+# ---- context items: what a workflow hands the LLM ----------------------------------------------------
+@dataclass
+class TextItem:
+    text: str
+
+
+@dataclass
+class ViTImageItem:
+    features: torch.Tensor  # [h*w, vit_hidden], the ViT's post_layernorm output
+    grid: tuple[int, int]   # (h, w) patches
+
+
+@dataclass
+class VAEImageItem:
+    latent: torch.Tensor    # [z_channels, H/8, W/8], scaled and shifted
+
+
+ContextItem = TextItem | ViTImageItem | VAEImageItem
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+@dataclass
+class TextParams:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.3
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 32768:
+            raise InputError(f"max_new_tokens must be in [1, 32768], got {self.max_new_tokens}")
+        if self.do_sample and not 0.0 < self.temperature <= 10.0:
+            raise InputError(f"temperature must be in (0, 10], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class ImageParams:
+    width: int = 1024
+    height: int = 1024
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_min: float = 0.0
+    cfg_renorm_type: str = "global"
+    timestep_shift: float = 3.0
+    num_timesteps: int = 50
+    seed: int | None = None
+    noise: torch.Tensor | None = None  # explicit initial noise [h*w, 64]; overrides seed
+
+    @classmethod
+    def for_edit(cls, width: int, height: int, **overrides) -> "ImageParams":
+        """The reference's editing defaults."""
+        base = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+        return cls(width=width, height=height, **{**base, **overrides})
+
+    def validate(self, cfg: BagelConfig) -> None:
+        step, max_side = cfg.latent_downsample, cfg.max_image_side
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side <= 0 or side % step or side > max_side:
+                raise InputError(f"{name} must be a positive multiple of {step} up to {max_side}, got {side}")
+        if not 2 <= self.num_timesteps <= 1000:
+            raise InputError(f"num_timesteps must be in [2, 1000], got {self.num_timesteps}")
+        if not 0.0 < self.timestep_shift <= 100.0:
+            raise InputError(f"timestep_shift must be in (0, 100], got {self.timestep_shift}")
+        for name in ("cfg_text_scale", "cfg_img_scale"):
+            if not 0.0 <= getattr(self, name) <= 100.0:
+                raise InputError(f"{name} must be in [0, 100], got {getattr(self, name)}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise InputError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        if not 0.0 <= self.cfg_renorm_min <= 1.0:
+            raise InputError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise InputError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        tokens = (self.height // step) * (self.width // step)
+        if self.noise is not None and tuple(self.noise.shape) != (tokens, cfg.patch_latent_dim):
+            raise InputError(f"noise must have shape [{tokens}, {cfg.patch_latent_dim}], got {list(self.noise.shape)}")
+
+
+@dataclass
+class Progress:
+    stage: str          # "think", "answer" or "denoise"
+    step: int           # steps (or tokens) done
+    total: int          # steps (or the token budget)
+    text: str = ""      # decoded text so far, for token stages
+
+
+@dataclass
+class Controls:
+    """Per-request hooks: progress callback and cancellation flag, checked between steps."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("request cancelled")
+
+    def report(self, p: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(p)
+
+
+@dataclass
+class UnderstandResult:
+    text: str
+    think: str | None = None
+    tokens: int = 0
+
+
+@dataclass
+class ImageResult:
+    latent: torch.Tensor     # [z_channels, H/8, W/8]
+    seed: int | None
+    think: str | None = None
+
+
+@dataclass
+class Block:
+    """New tokens for one context: their embeddings, routing, attention mode and RoPE positions."""
+
+    embeds: torch.Tensor            # [n, hidden]
+    is_gen: torch.Tensor | None     # [n] bool, None = all und
+    causal: bool                    # text: causal; image blocks: bidirectional
+    image: bool                     # image blocks share one RoPE position and advance it by 1
+
+    def positions(self, ctx: KVContext) -> torch.Tensor:
+        n = self.embeds.shape[0]
+        if self.image:
+            return torch.full((n,), ctx.rope_position, dtype=torch.long)
+        return torch.arange(ctx.rope_position, ctx.rope_position + n)
+
+    def advance(self, ctx: KVContext) -> None:
+        ctx.rope_position += 1 if self.image else self.embeds.shape[0]
+
+
+@dataclass
+class CFGContexts:
+    cond: KVContext
+    notext: KVContext | None  # context without the text (None when text guidance is off)
+    noimg: KVContext | None   # context without the input images (None when image guidance is off)
+
+    def noimg_is_cond(self) -> bool:
+        # Same blocks, same length: the very same cached keys and values.
+        return self.noimg is not None and self.noimg.blocks == self.cond.blocks and \
+            self.noimg.length == self.cond.length
+
+    def all(self) -> list[KVContext]:
+        return [c for c in (self.cond, self.notext, self.noimg) if c is not None]
+
+
+class LLMEngine:
+    def __init__(self, model: BagelLLM, tokenizer: BagelTokenizer, *, attention: AttentionBackend | None = None,
+                 kv_cache_tokens: int = 65536, block_size: int = 16, max_context_tokens: int | None = None):
+        self.model, self.tok, self.cfg = model, tokenizer, model.cfg
+        weight = model.vae2llm.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.attention = attention or get_backend(device=self.device)
+        llm = self.cfg.llm
+        self.cache = PagedKVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
+                                  num_blocks=-(-kv_cache_tokens // block_size), block_size=block_size,
+                                  dtype=self.dtype, device=self.device)
+        self.max_context_tokens = min(max_context_tokens or llm.max_position_embeddings, kv_cache_tokens)
+        self.scale = llm.head_dim ** -0.5
+        self.forward_count = 0  # model forwards run; lets tests and metrics see batching
+
+    # ---- one packed forward ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, seqs: Sequence[tuple[KVContext, Block]], commit: bool) -> list[torch.Tensor]:
+        """Run new blocks of several contexts in one forward; returns final-normed hidden per block.
+
+        commit=True writes the blocks' K/V to their contexts (and advances RoPE); commit=False only
+        reads the contexts (denoising queries are never cached).
+        """
+        ctxs, blocks = [c for c, _ in seqs], [b for _, b in seqs]
+        q_lens = [b.embeds.shape[0] for b in blocks]
+        ctx_lens = [c.length for c in ctxs]
+        embeds = torch.cat([b.embeds for b in blocks]).to(self.dtype)
+        positions = torch.cat([b.positions(c) for c, b in seqs]).to(self.device)
+        masks = [b.is_gen if b.is_gen is not None else torch.zeros(n, dtype=torch.bool) for b, n in zip(blocks, q_lens)]
+        is_gen = torch.cat(masks).to(self.device) if any(b.is_gen is not None for b in blocks) else None
+        slots = torch.cat([self.cache.reserve(c, n) for c, n in zip(ctxs, q_lens)]) if commit else None
+        meta = AttentionMetadata.build(q_lens, ctx_lens, [b.causal for b in blocks],
+                                       self.cache.block_table(ctxs, ctx_lens), self.cache.block_size)
+        cache, attention, scale = self.cache, self.attention, self.scale
+
+        def attend_layer(i: int, q, k, v):
+            if slots is not None:
+                cache.write(i, slots, k, v)
+            return attention.paged_attention(q, k, v, cache.k[i], cache.v[i], meta, scale)
+
+        hidden = self.model.language_model(embeds, is_gen, positions, attend_layer)
+        self.forward_count += 1
+        if commit:
+            for c, b in seqs:
+                b.advance(c)
+        return list(hidden.split(q_lens))
+
+    def append(self, pairs: Sequence[tuple[KVContext, Block]]) -> None:
+        """Add blocks to contexts (each context at most once), all in one forward."""
+        for c, b in pairs:
+            if c.length + b.embeds.shape[0] > self.max_context_tokens:
+                raise InputError(f"context would hold {c.length + b.embeds.shape[0]} tokens; the limit is "
+                                 f"{self.max_context_tokens}")
+        self._forward(pairs, commit=True)
+
+    # ---- blocks ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def text_block(self, ids: list[int]) -> Block:
+        """`<|im_start|>` + ids + `<|im_end|>`, causal."""
+        full = torch.tensor([self.tok.bos_id, *ids, self.tok.eos_id], device=self.device)
+        return Block(self.model.embed_text(full), None, causal=True, image=False)
+
+    def _image_block(self, inner: torch.Tensor, gen: bool) -> Block:
+        markers = self.model.embed_text(torch.tensor([self.tok.start_of_image_id, self.tok.end_of_image_id],
+                                                     device=self.device))
+        embeds = torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])  # [n + 2, hidden]
+        is_gen = None
+        if gen:  # markers stay und; the latent tokens take the gen weights
+            is_gen = torch.ones(embeds.shape[0], dtype=torch.bool)
+            is_gen[0] = is_gen[-1] = False
+        return Block(embeds, is_gen, causal=False, image=True)
+
+    @torch.inference_mode()
+    def vit_block(self, item: ViTImageItem) -> Block:
+        h, w = item.grid
+        side = self.cfg.vit_max_num_patch_per_side
+        if item.features.dim() != 2 or item.features.shape != (h * w, self.cfg.vit.hidden_size):
+            raise InputError(f"ViT features must be [{h}*{w}, {self.cfg.vit.hidden_size}], got "
+                             f"{list(item.features.shape)}")
+        if not (0 < h <= side and 0 < w <= side):
+            raise InputError(f"ViT patch grid {h}x{w} exceeds {side}x{side}")
+        pos = vit_position_ids(h, w, side).to(self.device)
+        return self._image_block(self.model.embed_vit(item.features.to(self.device), pos), gen=False)
+
+    @torch.inference_mode()
+    def vae_block(self, item: VAEImageItem) -> Block:
+        tokens, (h, w) = self._latent_tokens(item.latent)
+        t = torch.zeros(tokens.shape[0], device=self.device)  # clean conditioning image: t = 0
+        pos = latent_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+        return self._image_block(self.model.embed_latent(tokens, t, pos), gen=True)
+
+    def _latent_tokens(self, latent: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        c, p = self.cfg.latent_channels, self.cfg.latent_patch_size
+        if latent.dim() != 3 or latent.shape[0] != c or latent.shape[1] % p or latent.shape[2] % p:
+            raise InputError(f"latent must be [{c}, H/8, W/8] with even sides, got {list(latent.shape)}")
+        h, w = latent.shape[1] // p, latent.shape[2] // p
+        if h > self.cfg.max_latent_size or w > self.cfg.max_latent_size:
+            raise InputError(f"latent grid {h}x{w} exceeds {self.cfg.max_latent_size} tokens per side")
+        return patchify_latent(latent.to(self.device), p), (h, w)
+
+    def block_for(self, item: ContextItem) -> Block:
+        if isinstance(item, TextItem):
+            return self.text_block(self.tok.encode(item.text))
+        if isinstance(item, ViTImageItem):
+            return self.vit_block(item)
+        if isinstance(item, VAEImageItem):
+            return self.vae_block(item)
+        raise InputError(f"unknown context item {type(item).__name__}")
+
+    # ---- contexts --------------------------------------------------------------------------------
+    def check_context_size(self, items: Sequence[ContextItem], extra: int = 0) -> None:
+        """Refuse a request whose context would not fit, before any work is done."""
+        total = extra
+        for item in items:
+            if isinstance(item, TextItem):
+                total += len(self.tok.encode(item.text)) + 2
+            elif isinstance(item, ViTImageItem):
+                total += item.grid[0] * item.grid[1] + 2
+            else:
+                total += item.latent.shape[1] * item.latent.shape[2] // self.cfg.latent_patch_size ** 2 + 2
+        if total > self.max_context_tokens:
+            raise InputError(f"the prompt needs {total} context tokens; the limit is {self.max_context_tokens}")
+
+    def build_cfg_contexts(self, items: Sequence[ContextItem], *, need_notext: bool, need_noimg: bool,
+                           system_prompt: str | None = None) -> CFGContexts:
+        """The reference inferencer's three contexts, built with shared blocks instead of deep copies.
+
+        cond: everything. no-text: the cond context as it stood before the last text item (after the
+        last image). no-image: every text item (system prompt included), no image. While no image has
+        been seen the no-image context IS the cond context (a fork), and costs nothing.
+        """
+        cache = self.cache
+        cond = cache.new_context()
+        notext = cache.new_context() if need_notext else None
+        noimg: KVContext | None = None  # None: still identical to cond
+        ctxs = lambda: [c for c in (cond, notext, noimg) if c is not None]  # noqa: E731
+        try:
+            seq = ([TextItem(system_prompt)] if system_prompt else []) + list(items)
+            for index, item in enumerate(seq):
+                is_system = system_prompt is not None and index == 0
+                block = self.block_for(item)
+                if isinstance(item, TextItem):
+                    if notext is not None and not is_system:
+                        cache.free(notext)
+                        notext = cache.fork(cond)
+                    targets = [cond] + ([noimg] if noimg is not None else [])
+                    self.append([(c, block) for c in targets])
+                else:
+                    if need_noimg and noimg is None:
+                        noimg = cache.fork(cond)
+                    self.append([(cond, block)])
+                    if notext is not None:
+                        cache.free(notext)
+                        notext = cache.fork(cond)
+            if need_noimg and noimg is None:
+                noimg = cache.fork(cond)
+        except BaseException:
+            for c in ctxs():
+                cache.free(c)
+            raise
+        return CFGContexts(cond, notext, noimg)
+
+    # ---- text decoding ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_text(self, ctx: KVContext, params: TextParams, controls: Controls, stage: str = "answer") -> list[int]:
+        """Greedy or sampled decoding on a fork of ctx; returns the new ids (without the end token)."""
+        work = self.cache.fork(ctx)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        out: list[int] = []
+        token = self.tok.bos_id  # the answer block starts with <|im_start|> at the current position
+        try:
+            for _ in range(params.max_new_tokens):
+                controls.check()
+                if work.length + 1 > self.max_context_tokens:
+                    break
+                block = Block(self.model.embed_text(torch.tensor([token], device=self.device)), None, True, False)
+                (hidden,) = self._forward([(work, block)], commit=True)
+                token = sample_token(self.model.logits(hidden[-1]), self.tok.vocab_size, params.do_sample,
+                                     params.temperature, params.top_p, gen)
+                if token == self.tok.eos_id:
+                    break
+                out.append(token)
+                controls.report(Progress(stage, len(out), params.max_new_tokens, self.tok.decode(out)))
+        finally:
+            self.cache.free(work)
+        return out
+
+    # ---- image generation ------------------------------------------------------------------------
+    def initial_noise(self, params: ImageParams) -> tuple[torch.Tensor, int | None]:
+        """The reference's noise for a seed: randn((h*w, 64)) from a CPU generator, fp32."""
+        if params.noise is not None:
+            return params.noise.float().cpu(), params.seed
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        n = (params.height // self.cfg.latent_downsample) * (params.width // self.cfg.latent_downsample)
+        return torch.randn((n, self.cfg.patch_latent_dim), generator=torch.Generator("cpu").manual_seed(seed)), seed
+
+    @torch.inference_mode()
+    def denoise_step(self, x: torch.Tensor, t: float, ctxs: CFGContexts, h: int, w: int, params: ImageParams,
+                     batch_cfg: bool = True) -> torch.Tensor:
+        """Velocity [h*w, 64] at (x, t), guided. The active CFG branches run as one packed forward."""
+        active = cfg_active(t, params.cfg_interval)
+        text_scale = params.cfg_text_scale if active else 1.0
+        img_scale = params.cfg_img_scale if active else 1.0
+        branches = [ctxs.cond]
+        if text_scale > 1.0:  # without text guidance no branch but cond changes the result
+            branches.append(ctxs.notext)
+            # Without input images (text-to-image) the no-image context holds what cond holds: its
+            # velocity is cond's, so the branch is not run again.
+            if img_scale > 1.0 and not ctxs.noimg_is_cond():
+                branches.append(ctxs.noimg)
+        pos = latent_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+        tt = torch.full((x.shape[0],), float(t), device=self.device)
+        block = self._image_block(self.model.embed_latent(x.to(self.device), tt, pos), gen=True)
+        if batch_cfg:
+            hidden = self._forward([(c, block) for c in branches], commit=False)
+        else:  # the reference's way: one forward per branch (kept for benchmarks and the equality test)
+            hidden = [self._forward([(c, block)], commit=False)[0] for c in branches]
+        v = [self.model.velocity(hs[1:-1]).float() for hs in hidden]  # drop the two markers
+        v_notext = v[1] if len(v) > 1 else None
+        v_noimg = v[2] if len(v) > 2 else v[0]
+        return apply_cfg(v[0], v_notext, v_noimg, text_scale, img_scale, params.cfg_renorm_type,
+                         params.cfg_renorm_min)
+
+    def generate_latent(self, ctxs: CFGContexts, params: ImageParams, controls: Controls,
+                        batch_cfg: bool = True) -> tuple[torch.Tensor, int | None]:
+        h, w = params.height // self.cfg.latent_downsample, params.width // self.cfg.latent_downsample
+        x, seed = self.initial_noise(params)
+        x = x.to(self.device)
+        timesteps, dts = timestep_schedule(params.num_timesteps, params.timestep_shift)
+        for i, (t, dt) in enumerate(zip(timesteps.tolist(), dts.tolist())):
+            controls.check()
+            v = self.denoise_step(x, t, ctxs, h, w, params, batch_cfg)
+            x = x - v * dt  # Euler, x_t -> x_{t - dt}, in fp32
+            controls.report(Progress("denoise", i + 1, len(timesteps)))
+        latent = unpatchify_latent(x.cpu(), h, w, self.cfg.latent_patch_size, self.cfg.latent_channels)
+        return latent, seed
+
+    # ---- workflows' LLM side ---------------------------------------------------------------------
+    def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
+                   controls: Controls | None = None) -> UnderstandResult:
+        params, controls = params or TextParams(), controls or Controls()
+        params.validate()
+        system = UNDERSTAND_THINK_PROMPT if think else None
+        self.check_context_size(items, extra=len(self.tok.encode(system)) + 2 if system else 0)
+        ctxs = self.build_cfg_contexts(items, need_notext=False, need_noimg=False, system_prompt=system)
+        try:
+            ids = self.decode_text(ctxs.cond, params, controls, stage="think" if think else "answer")
+        finally:
+            self.free(ctxs)
+        text = self.tok.decode(ids)
+        thought = None
+        if think and "</think>" in text:
+            thought, text = text.split("</think>", 1)
+            thought = thought.replace("<think>", "").strip()
+            text = text.strip()
+        return UnderstandResult(text=text, think=thought, tokens=len(ids))
+
+    def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
+                       think_params: TextParams | None = None, controls: Controls | None = None,
+                       batch_cfg: bool = True) -> ImageResult:
+        controls = controls or Controls()
+        params.validate(self.cfg)
+        think_params = think_params or TextParams(max_new_tokens=1000)
+        think_params.validate()
+        system = GENERATE_THINK_PROMPT if think else None
+        self.check_context_size(items, extra=len(self.tok.encode(system)) + 2 if system else 0)
+        need_notext = params.cfg_text_scale > 1.0
+        need_noimg = need_notext and params.cfg_img_scale > 1.0
+        ctxs = self.build_cfg_contexts(items, need_notext=need_notext, need_noimg=need_noimg, system_prompt=system)
+        try:
+            thought = None
+            if think:
+                ids = self.decode_text(ctxs.cond, think_params, controls, stage="think")
+                thought = self.tok.decode(ids)
+                # The reference decodes the thinking text and tokenizes it again before adding it.
+                self.append([(ctxs.cond, self.text_block(self.tok.encode(thought)))])
+            latent, seed = self.generate_latent(ctxs, params, controls, batch_cfg)
+        finally:
+            self.free(ctxs)
+        return ImageResult(latent=latent, seed=seed, think=thought)
+
+    def free(self, ctxs: CFGContexts) -> None:
+        for c in ctxs.all():
+            self.cache.free(c)

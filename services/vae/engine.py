@@ -1,0 +1,41 @@
+"""The VAE side, transport-free: image -> scaled latent, latent -> uint8 pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.common.checkpoint import Checkpoint
+from services.common.images import to_tensor
+from services.llm.engine import VAEImageItem
+from services.vae.model import AutoEncoder, to_uint8_image
+
+
+class VAEEngine:
+    def __init__(self, model: AutoEncoder):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32) -> "VAEEngine":
+        return cls(ckpt.load_ae(dtype=dtype, device=device))
+
+    @torch.inference_mode()
+    def encode(self, image: Image.Image, sample: bool = False, generator: torch.Generator | None = None) -> VAEImageItem:
+        """An image already at its VAE size (sides multiples of 16) -> latent [z, H/8, W/8].
+
+        The posterior mean by default (deterministic); `sample=True` draws from it as the reference does.
+        """
+        w, h = image.size
+        if w % 16 or h % 16:
+            raise ValueError(f"VAE input sides must be multiples of 16, got {w}x{h}")
+        x = to_tensor(image)[None].to(self.device, self.dtype)  # [1, 3, H, W]
+        return VAEImageItem(self.model.encode(x, sample=sample, generator=generator)[0].float().cpu())
+
+    @torch.inference_mode()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """latent [z, H/8, W/8] -> uint8 [H, W, 3] (truncated, as the reference converts)."""
+        x = self.model.decode(latent[None].to(self.device, self.dtype))[0]
+        return to_uint8_image(x.float().cpu())
