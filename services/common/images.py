@@ -97,6 +97,8 @@ def _apply_scale(width: int, height: int, scale: float, stride: int) -> tuple[in
 def resize_size(width: int, height: int, max_size: int, min_size: int, stride: int,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(new_w, new_h) exactly as the official MaxLongEdgeMinShortEdgeResize computes it."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has zero size ({width}x{height})")
     scale = min(max_size / max(width, height), 1.0)
     scale = max(scale, min_size / min(width, height))
     nw, nh = _apply_scale(width, height, scale, stride)

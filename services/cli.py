@@ -1,0 +1,246 @@
+"""`bagel-serve`: checkpoint tools, the in-process workflows, and the demo (the project's main job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from services.common.checkpoint import Checkpoint, CheckpointError, init_checkpoint
+from services.common.config import PRESETS
+from services.common.images import ImageError, load_image
+from services.llm.engine import Cancelled, Controls, ImageParams, InputError, Progress, TextParams
+
+USER_ERRORS = (InputError, ImageError, CheckpointError, FileNotFoundError)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}") from None
+    return w, h
+
+
+def _progress_controls() -> tuple[Controls, callable]:
+    """A tqdm bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return Controls(), lambda: None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def on_progress(p: Progress) -> None:
+        bar = bars.get(p.stage)
+        if bar is None:
+            bar = bars[p.stage] = tqdm(total=p.total, desc=p.stage, unit="step" if p.stage == "denoise" else "tok",
+                                       leave=False)
+        bar.update(p.step - bar.n)
+
+    return Controls(on_progress=on_progress), lambda: [b.close() for b in bars.values()]
+
+
+def _checkpoint_dir(args) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    from services.common.defaults import default_checkpoint_dir
+
+    return default_checkpoint_dir()
+
+
+def _clients(args):
+    from services.orchestrator.local import local_clients
+
+    return local_clients(_checkpoint_dir(args), device=args.device, attention=args.attention)
+
+
+def _image_params(args, base: ImageParams) -> ImageParams:
+    overrides = {k: v for k, v in {
+        "num_timesteps": args.steps, "seed": args.seed, "cfg_text_scale": args.cfg_text_scale,
+        "cfg_img_scale": args.cfg_img_scale, "timestep_shift": args.timestep_shift,
+        "cfg_renorm_type": args.cfg_renorm_type, "cfg_renorm_min": args.cfg_renorm_min,
+        "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
+    }.items() if v is not None}
+    return ImageParams(**{**base.__dict__, **overrides})
+
+
+def cmd_checkpoint_init(args) -> int:
+    out = init_checkpoint(args.preset, args.out, seed=args.seed)
+    print(json.dumps({"checkpoint": str(out), "preset": args.preset, "seed": args.seed}))
+    return 0
+
+
+def cmd_checkpoint_inspect(args) -> int:
+    cfg = Checkpoint(args.dir).config
+    print(json.dumps({"llm": cfg.llm.__dict__, "vit": cfg.vit.__dict__, "ae": cfg.ae.__dict__,
+                      "max_latent_size": cfg.max_latent_size,
+                      "vit_max_num_patch_per_side": cfg.vit_max_num_patch_per_side}, indent=2))
+    return 0
+
+
+def cmd_understand(args) -> int:
+    from services.orchestrator import workflows as wf
+
+    image = load_image(args.image)
+    controls, close = _progress_controls()
+    params = TextParams(max_new_tokens=args.max_new_tokens or (1000 if args.think else 512),
+                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        res = wf.understand(_clients(args), image, args.prompt, params, think=args.think, controls=controls)
+    finally:
+        close()
+    print(json.dumps({"answer": res.text, "think": res.think, "tokens": res.tokens}, ensure_ascii=False))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from services.orchestrator import workflows as wf
+
+    w, h = args.size
+    controls, close = _progress_controls()
+    try:
+        out = wf.generate(_clients(args), args.prompt, _image_params(args, ImageParams(width=w, height=h)),
+                          think=args.think, controls=controls)
+    finally:
+        close()
+    out.to_pil().save(args.out)
+    print(json.dumps({"out": args.out, "seed": out.seed, "size": [w, h], "think": out.think}, ensure_ascii=False))
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from services.orchestrator import workflows as wf
+
+    image = load_image(args.image)
+    controls, close = _progress_controls()
+    try:
+        out = wf.edit(_clients(args), image, args.prompt, _image_params(args, wf.edit_params(image)),
+                      think=args.think, controls=controls)
+    finally:
+        close()
+    out.to_pil().save(args.out)
+    print(json.dumps({"out": args.out, "seed": out.seed, "size": list(out.to_pil().size), "think": out.think},
+                     ensure_ascii=False))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: every workflow once on the embedded default model, outputs written to --out."""
+    import numpy as np
+    from PIL import Image
+
+    from services.orchestrator import workflows as wf
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clients = _clients(args)
+    # A deterministic input picture: a gradient with a square, so the run needs no files.
+    yy, xx = np.mgrid[0:96, 0:128]
+    pic = np.stack([xx * 2, yy * 2, np.full_like(xx, 128)], -1).astype(np.uint8)
+    pic[30:60, 40:80] = (250, 40, 40)
+    image = Image.fromarray(pic)
+    image.save(out_dir / "input.png")
+    report = {}
+    t = time.perf_counter()
+    und = wf.understand(clients, image, "What is in this picture?", TextParams(max_new_tokens=16))
+    report["understand"] = {"answer": und.text, "tokens": und.tokens, "seconds": round(time.perf_counter() - t, 2)}
+    t = time.perf_counter()
+    gen = wf.generate(clients, "a red square on a blue sky", ImageParams(width=256, height=256, num_timesteps=12,
+                                                                         seed=42))
+    gen.to_pil().save(out_dir / "generate.png")
+    report["generate"] = {"out": str(out_dir / "generate.png"), "seed": gen.seed,
+                          "seconds": round(time.perf_counter() - t, 2)}
+    t = time.perf_counter()
+    ed = wf.edit(clients, image, "make the square green", wf.edit_params(image, num_timesteps=8, seed=7))
+    ed.to_pil().save(out_dir / "edit.png")
+    report["edit"] = {"out": str(out_dir / "edit.png"), "seed": ed.seed, "size": list(ed.to_pil().size),
+                      "seconds": round(time.perf_counter() - t, 2)}
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bagel-serve", description="Serve BAGEL-style unified multimodal models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="action", required=True)
+    init = ck.add_parser("init", help="write a randomly initialised checkpoint in the official layout")
+    init.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    init.add_argument("--out", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_checkpoint_init)
+    insp = ck.add_parser("inspect", help="print the sizes read from a checkpoint directory")
+    insp.add_argument("dir")
+    insp.set_defaults(func=cmd_checkpoint_inspect)
+
+    def common(sp):
+        sp.add_argument("--checkpoint", help="checkpoint directory (default: the embedded tiny model)")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--attention", help="attention backend (sdpa, triton, flash)")
+        sp.add_argument("--think", action="store_true", help="think before answering / generating")
+        sp.add_argument("--seed", type=int)
+
+    def image_opts(sp):
+        sp.add_argument("--out", required=True, help="output PNG path")
+        sp.add_argument("--steps", type=int, help="number of timesteps (N timesteps = N-1 model steps)")
+        sp.add_argument("--cfg-text-scale", type=float)
+        sp.add_argument("--cfg-img-scale", type=float)
+        sp.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
+        sp.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"])
+        sp.add_argument("--cfg-renorm-min", type=float)
+        sp.add_argument("--timestep-shift", type=float)
+
+    run = sub.add_parser("run", help="run one workflow in-process").add_subparsers(dest="workflow", required=True)
+    u = run.add_parser("understand", help="answer a question about an image")
+    common(u)
+    u.add_argument("--image", required=True)
+    u.add_argument("--prompt", required=True)
+    u.add_argument("--max-new-tokens", type=int)
+    u.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    u.add_argument("--temperature", type=float, default=0.3)
+    u.add_argument("--top-p", type=float, default=1.0)
+    u.set_defaults(func=cmd_understand)
+    g = run.add_parser("generate", help="text to image")
+    common(g)
+    image_opts(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--size", type=_size, default=(1024, 1024), help="WxH, multiples of 16, at most 1024")
+    g.set_defaults(func=cmd_generate)
+    e = run.add_parser("edit", help="edit an image following a prompt")
+    common(e)
+    image_opts(e)
+    e.add_argument("--image", required=True)
+    e.add_argument("--prompt", required=True)
+    e.set_defaults(func=cmd_edit)
+
+    d = sub.add_parser("demo", help="run every workflow once on the embedded default model")
+    d.add_argument("--out", default="demo-output")
+    d.add_argument("--checkpoint")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--attention")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny checkpoint per test session, and in-process engines on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.checkpoint import Checkpoint, init_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_dir(tmp_path_factory):
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny-ckpt"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpt_dir):
+    return Checkpoint(tiny_ckpt_dir)
+
+
+@pytest.fixture(scope="session")
+def clients(tiny_ckpt_dir):
+    from services.orchestrator.local import local_clients
+
+    return local_clients(tiny_ckpt_dir, attention="sdpa")
+
+
+@pytest.fixture(scope="session")
+def llm(clients):
+    return clients.llm
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_kv_blocks(request):
+    """Every test that used the shared engine must leave no KV block behind."""
+    yield
+    if "llm" in request.fixturenames or "clients" in request.fixturenames:
+        engine = request.getfixturevalue("clients").llm
+        assert engine.cache.blocks_in_use == 0, f"{engine.cache.blocks_in_use} KV blocks leaked"
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
