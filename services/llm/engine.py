@@ -1,21 +1,23 @@
 """The LLM engine, transport-free: KV contexts, text decoding and the flow-matching image loop.
 
 The ladder, bottom up:
-  _forward(seqs, commit)      one packed forward over several (context, block) pairs
-  append(pairs)               add blocks to contexts (text, ViT or clean-VAE), all in one forward
-  decode_text(ctx)            prefill `<|im_start|>`, then one token per forward until `<|im_end|>`
-  denoise_step(...)           the CFG branches of one step as ONE batched forward -> apply_cfg
-  generate_latent(...)        the Euler loop over the shifted schedule
-  build_cfg_contexts(items)   the cond / no-text / no-image contexts of the reference inferencer
-  understand / generate_image the workflows' LLM side, think mode included
+  _forward(seqs, commit)       one packed forward over several (context, block) pairs
+  append(pairs)                add blocks to contexts (text, ViT or clean-VAE), all in one forward
+  build_cfg_contexts(items)    the cond / no-text / no-image contexts of the reference inferencer
+  run_units(units)             the units of many requests: all decode steps in one forward, every
+                               CFG branch of every denoising step in another
+  decode_steps / denoise_steps a request's loops as generators: yield a unit, receive its result
+  understand_steps / generate_image_steps   the workflows' LLM side, think mode included
+  drive(steps)                 one request alone (in-process use); the scheduler drives many at once
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import deque
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import torch
 
@@ -202,6 +204,38 @@ class CFGContexts:
         return [c for c in (self.cond, self.notext, self.noimg) if c is not None]
 
 
+@dataclass
+class DecodeUnit:
+    """Feed `token` at the context's next position (it is cached); result: next-token logits [V]."""
+
+    ctx: KVContext
+    token: int
+
+
+@dataclass
+class DenoiseUnit:
+    """One denoising step of one request; result: its guided velocity [h*w, 64]."""
+
+    x: torch.Tensor
+    t: float
+    ctxs: CFGContexts
+    h: int
+    w: int
+    params: ImageParams
+
+
+@dataclass
+class DenoisePlan:
+    branches: list[KVContext]                            # the CFG branches this step runs, cond first
+    block: Block                                         # the query block shared by all branches
+    guide: Callable[[list[torch.Tensor]], torch.Tensor]  # branch velocities -> guided velocity
+
+
+Unit = DecodeUnit | DenoiseUnit
+# A request's work as a generator: it yields units, is sent their results, and returns its result.
+Steps = Generator[Unit, Any, Any]
+
+
 class LLMEngine:
     def __init__(self, model: BagelLLM, tokenizer: BagelTokenizer, *, attention: AttentionBackend | None = None,
                  kv_cache_tokens: int = 65536, block_size: int = 16, max_context_tokens: int | None = None):
@@ -216,6 +250,7 @@ class LLMEngine:
         self.max_context_tokens = min(max_context_tokens or llm.max_position_embeddings, kv_cache_tokens)
         self.scale = llm.head_dim ** -0.5
         self.forward_count = 0  # model forwards run; lets tests and metrics see batching
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # units per run_units call, most recent last
 
     # ---- one packed forward ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -364,9 +399,67 @@ class LLMEngine:
             raise
         return CFGContexts(cond, notext, noimg)
 
-    # ---- text decoding ---------------------------------------------------------------------------
+    # ---- units: what one request needs from one forward -------------------------------------------
     @torch.inference_mode()
-    def decode_text(self, ctx: KVContext, params: TextParams, controls: Controls, stage: str = "answer") -> list[int]:
+    def run_units(self, units: Sequence["Unit"], batch_cfg: bool = True) -> list:
+        """Execute the units of any number of requests: all decode units in one forward, all denoise
+        units (every active CFG branch of every request) in another. Returns one result per unit:
+        next-token logits [V] for a DecodeUnit, the guided velocity [h*w, 64] for a DenoiseUnit."""
+        results: list = [None] * len(units)
+        decode = [(i, u) for i, u in enumerate(units) if isinstance(u, DecodeUnit)]
+        if decode:
+            pairs = [(u.ctx, self._token_block(u.token)) for _, u in decode]
+            for (i, _), hidden in zip(decode, self._forward(pairs, commit=True)):
+                results[i] = self.model.logits(hidden[-1])
+        denoise = [(i, u) for i, u in enumerate(units) if isinstance(u, DenoiseUnit)]
+        if denoise:
+            plans = [self._denoise_plan(u) for _, u in denoise]
+            pairs = [(c, plan.block) for plan in plans for c in plan.branches]
+            if batch_cfg:
+                hidden = self._forward(pairs, commit=False)
+            else:  # the reference's way: one forward per branch (for benchmarks and the equality test)
+                hidden = [self._forward([pair], commit=False)[0] for pair in pairs]
+            for (i, _), plan in zip(denoise, plans):
+                results[i] = plan.guide([self.model.velocity(h[1:-1]).float() for h in hidden[:len(plan.branches)]])
+                hidden = hidden[len(plan.branches):]
+        self.batch_sizes.append(len(units))
+        return results
+
+    def _token_block(self, token: int) -> Block:
+        return Block(self.model.embed_text(torch.tensor([token], device=self.device)), None, causal=True, image=False)
+
+    def _denoise_plan(self, u: "DenoiseUnit") -> "DenoisePlan":
+        """Which branches this step runs, the shared query block, and how to combine their velocities."""
+        params = u.params
+        active = cfg_active(u.t, params.cfg_interval)
+        text_scale = params.cfg_text_scale if active else 1.0
+        img_scale = params.cfg_img_scale if active else 1.0
+        branches = [u.ctxs.cond]
+        if text_scale > 1.0:  # without text guidance no branch but cond changes the result
+            branches.append(u.ctxs.notext)
+            # Without input images (text-to-image) the no-image context holds what cond holds: its
+            # velocity is cond's, so the branch is not run again.
+            if img_scale > 1.0 and not u.ctxs.noimg_is_cond():
+                branches.append(u.ctxs.noimg)
+        pos = latent_position_ids(u.h, u.w, self.cfg.max_latent_size).to(self.device)
+        tt = torch.full((u.x.shape[0],), float(u.t), device=self.device)
+        block = self._image_block(self.model.embed_latent(u.x.to(self.device), tt, pos), gen=True)
+
+        def guide(v: list[torch.Tensor]) -> torch.Tensor:
+            v_notext = v[1] if len(v) > 1 else None
+            v_noimg = v[2] if len(v) > 2 else v[0]
+            return apply_cfg(v[0], v_notext, v_noimg, text_scale, img_scale, params.cfg_renorm_type,
+                             params.cfg_renorm_min)
+
+        return DenoisePlan(branches, block, guide)
+
+    def denoise_step(self, x: torch.Tensor, t: float, ctxs: CFGContexts, h: int, w: int, params: ImageParams,
+                     batch_cfg: bool = True) -> torch.Tensor:
+        """Guided velocity [h*w, 64] at (x, t) for one request."""
+        return self.run_units([DenoiseUnit(x, t, ctxs, h, w, params)], batch_cfg)[0]
+
+    # ---- per-request step generators: yield units, receive their results ----------------------------
+    def decode_steps(self, ctx: KVContext, params: TextParams, controls: Controls, stage: str = "answer") -> Steps:
         """Greedy or sampled decoding on a fork of ctx; returns the new ids (without the end token)."""
         work = self.cache.fork(ctx)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -377,10 +470,9 @@ class LLMEngine:
                 controls.check()
                 if work.length + 1 > self.max_context_tokens:
                     break
-                block = Block(self.model.embed_text(torch.tensor([token], device=self.device)), None, True, False)
-                (hidden,) = self._forward([(work, block)], commit=True)
-                token = sample_token(self.model.logits(hidden[-1]), self.tok.vocab_size, params.do_sample,
-                                     params.temperature, params.top_p, gen)
+                logits = yield DecodeUnit(work, token)
+                token = sample_token(logits, self.tok.vocab_size, params.do_sample, params.temperature,
+                                     params.top_p, gen)
                 if token == self.tok.eos_id:
                     break
                 out.append(token)
@@ -389,7 +481,6 @@ class LLMEngine:
             self.cache.free(work)
         return out
 
-    # ---- image generation ------------------------------------------------------------------------
     def initial_noise(self, params: ImageParams) -> tuple[torch.Tensor, int | None]:
         """The reference's noise for a seed: randn((h*w, 64)) from a CPU generator, fp32."""
         if params.noise is not None:
@@ -398,57 +489,29 @@ class LLMEngine:
         n = (params.height // self.cfg.latent_downsample) * (params.width // self.cfg.latent_downsample)
         return torch.randn((n, self.cfg.patch_latent_dim), generator=torch.Generator("cpu").manual_seed(seed)), seed
 
-    @torch.inference_mode()
-    def denoise_step(self, x: torch.Tensor, t: float, ctxs: CFGContexts, h: int, w: int, params: ImageParams,
-                     batch_cfg: bool = True) -> torch.Tensor:
-        """Velocity [h*w, 64] at (x, t), guided. The active CFG branches run as one packed forward."""
-        active = cfg_active(t, params.cfg_interval)
-        text_scale = params.cfg_text_scale if active else 1.0
-        img_scale = params.cfg_img_scale if active else 1.0
-        branches = [ctxs.cond]
-        if text_scale > 1.0:  # without text guidance no branch but cond changes the result
-            branches.append(ctxs.notext)
-            # Without input images (text-to-image) the no-image context holds what cond holds: its
-            # velocity is cond's, so the branch is not run again.
-            if img_scale > 1.0 and not ctxs.noimg_is_cond():
-                branches.append(ctxs.noimg)
-        pos = latent_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
-        tt = torch.full((x.shape[0],), float(t), device=self.device)
-        block = self._image_block(self.model.embed_latent(x.to(self.device), tt, pos), gen=True)
-        if batch_cfg:
-            hidden = self._forward([(c, block) for c in branches], commit=False)
-        else:  # the reference's way: one forward per branch (kept for benchmarks and the equality test)
-            hidden = [self._forward([(c, block)], commit=False)[0] for c in branches]
-        v = [self.model.velocity(hs[1:-1]).float() for hs in hidden]  # drop the two markers
-        v_notext = v[1] if len(v) > 1 else None
-        v_noimg = v[2] if len(v) > 2 else v[0]
-        return apply_cfg(v[0], v_notext, v_noimg, text_scale, img_scale, params.cfg_renorm_type,
-                         params.cfg_renorm_min)
-
-    def generate_latent(self, ctxs: CFGContexts, params: ImageParams, controls: Controls,
-                        batch_cfg: bool = True) -> tuple[torch.Tensor, int | None]:
+    def denoise_steps(self, ctxs: CFGContexts, params: ImageParams, controls: Controls) -> Steps:
+        """The Euler loop over the shifted schedule; returns (latent [z, H/8, W/8], seed)."""
         h, w = params.height // self.cfg.latent_downsample, params.width // self.cfg.latent_downsample
         x, seed = self.initial_noise(params)
         x = x.to(self.device)
         timesteps, dts = timestep_schedule(params.num_timesteps, params.timestep_shift)
         for i, (t, dt) in enumerate(zip(timesteps.tolist(), dts.tolist())):
             controls.check()
-            v = self.denoise_step(x, t, ctxs, h, w, params, batch_cfg)
+            v = yield DenoiseUnit(x, t, ctxs, h, w, params)
             x = x - v * dt  # Euler, x_t -> x_{t - dt}, in fp32
             controls.report(Progress("denoise", i + 1, len(timesteps)))
         latent = unpatchify_latent(x.cpu(), h, w, self.cfg.latent_patch_size, self.cfg.latent_channels)
         return latent, seed
 
-    # ---- workflows' LLM side ---------------------------------------------------------------------
-    def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                   controls: Controls | None = None) -> UnderstandResult:
+    def understand_steps(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
+                         controls: Controls | None = None) -> Steps:
         params, controls = params or TextParams(), controls or Controls()
         params.validate()
         system = UNDERSTAND_THINK_PROMPT if think else None
         self.check_context_size(items, extra=len(self.tok.encode(system)) + 2 if system else 0)
         ctxs = self.build_cfg_contexts(items, need_notext=False, need_noimg=False, system_prompt=system)
         try:
-            ids = self.decode_text(ctxs.cond, params, controls, stage="think" if think else "answer")
+            ids = yield from self.decode_steps(ctxs.cond, params, controls, stage="think" if think else "answer")
         finally:
             self.free(ctxs)
         text = self.tok.decode(ids)
@@ -459,9 +522,8 @@ class LLMEngine:
             text = text.strip()
         return UnderstandResult(text=text, think=thought, tokens=len(ids))
 
-    def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
-                       think_params: TextParams | None = None, controls: Controls | None = None,
-                       batch_cfg: bool = True) -> ImageResult:
+    def generate_image_steps(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
+                             think_params: TextParams | None = None, controls: Controls | None = None) -> Steps:
         controls = controls or Controls()
         params.validate(self.cfg)
         think_params = think_params or TextParams(max_new_tokens=1000)
@@ -474,14 +536,37 @@ class LLMEngine:
         try:
             thought = None
             if think:
-                ids = self.decode_text(ctxs.cond, think_params, controls, stage="think")
+                ids = yield from self.decode_steps(ctxs.cond, think_params, controls, stage="think")
                 thought = self.tok.decode(ids)
                 # The reference decodes the thinking text and tokenizes it again before adding it.
                 self.append([(ctxs.cond, self.text_block(self.tok.encode(thought)))])
-            latent, seed = self.generate_latent(ctxs, params, controls, batch_cfg)
+            latent, seed = yield from self.denoise_steps(ctxs, params, controls)
         finally:
             self.free(ctxs)
         return ImageResult(latent=latent, seed=seed, think=thought)
+
+    # ---- one request alone ---------------------------------------------------------------------------
+    def drive(self, steps: Steps, batch_cfg: bool = True):
+        """Run one request's steps to completion, each unit in a forward of its own."""
+        try:
+            unit = next(steps)
+            while True:
+                (result,) = self.run_units([unit], batch_cfg)
+                unit = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        except BaseException:
+            steps.close()  # runs the generator's finally blocks: its contexts are freed
+            raise
+
+    def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
+                   controls: Controls | None = None) -> UnderstandResult:
+        return self.drive(self.understand_steps(items, params, think, controls))
+
+    def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
+                       think_params: TextParams | None = None, controls: Controls | None = None,
+                       batch_cfg: bool = True) -> ImageResult:
+        return self.drive(self.generate_image_steps(items, params, think, think_params, controls), batch_cfg)
 
     def free(self, ctxs: CFGContexts) -> None:
         for c in ctxs.all():
