@@ -67,10 +67,11 @@ class Route:
             return f_und(x)
         if self.kind == "gen":
             return f_gen(x)
-        y_und = f_und(x[self.und])
+        # index_select / index_copy_: several times faster than advanced indexing on the CPU
+        y_und = f_und(x.index_select(0, self.und))
         out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
-        out[self.und] = y_und
-        out[self.gen] = f_gen(x[self.gen])
+        out.index_copy_(0, self.und, y_und)
+        out.index_copy_(0, self.gen, f_gen(x.index_select(0, self.gen)))
         return out
 
 
