@@ -193,12 +193,13 @@ class Block:
 class CFGContexts:
     cond: KVContext
     notext: KVContext | None  # context without the text (None when text guidance is off)
-    noimg: KVContext | None   # context without the input images (None when image guidance is off)
+    noimg: KVContext | None   # context without the input images (None: off, or still equal to cond)
+    track_noimg: bool = False  # whether a no-image context is wanted at all
 
     def noimg_is_cond(self) -> bool:
         # Same blocks, same length: the very same cached keys and values.
-        return self.noimg is not None and self.noimg.blocks == self.cond.blocks and \
-            self.noimg.length == self.cond.length
+        # (noimg is None when it was never kept apart: it is then cond by definition)
+        return self.noimg is None or (self.noimg.blocks == self.cond.blocks and self.noimg.length == self.cond.length)
 
     def all(self) -> list[KVContext]:
         return [c for c in (self.cond, self.notext, self.noimg) if c is not None]
@@ -362,42 +363,54 @@ class LLMEngine:
 
     def build_cfg_contexts(self, items: Sequence[ContextItem], *, need_notext: bool, need_noimg: bool,
                            system_prompt: str | None = None) -> CFGContexts:
-        """The reference inferencer's three contexts, built with shared blocks instead of deep copies.
+        """The reference inferencer's three contexts, built with shared blocks instead of deep copies."""
+        ctxs = CFGContexts(self.cache.new_context(), self.cache.new_context() if need_notext else None, None,
+                           track_noimg=need_noimg)
+        try:
+            self.extend_cfg_contexts(ctxs, items, system_prompt)
+            self.separate_noimg(ctxs)
+        except BaseException:
+            self.free(ctxs)
+            raise
+        return ctxs
+
+    def extend_cfg_contexts(self, ctxs: CFGContexts, items: Sequence[ContextItem],
+                            system_prompt: str | None = None) -> None:
+        """Append items to the contexts in place, with the reference's semantics.
 
         cond: everything. no-text: the cond context as it stood before the last text item (after the
-        last image). no-image: every text item (system prompt included), no image. While no image has
-        been seen the no-image context IS the cond context (a fork), and costs nothing.
+        last image); the system prompt is not a "text item" here. no-image: every text item (system
+        prompt included), no image. While no image has been seen the no-image context is not kept
+        apart (`noimg is None`): it is cond, and costs nothing.
         """
         cache = self.cache
-        cond = cache.new_context()
-        notext = cache.new_context() if need_notext else None
-        noimg: KVContext | None = None  # None: still identical to cond
-        ctxs = lambda: [c for c in (cond, notext, noimg) if c is not None]  # noqa: E731
-        try:
-            seq = ([TextItem(system_prompt)] if system_prompt else []) + list(items)
-            for index, item in enumerate(seq):
-                is_system = system_prompt is not None and index == 0
-                block = self.block_for(item)
-                if isinstance(item, TextItem):
-                    if notext is not None and not is_system:
-                        cache.free(notext)
-                        notext = cache.fork(cond)
-                    targets = [cond] + ([noimg] if noimg is not None else [])
-                    self.append([(c, block) for c in targets])
-                else:
-                    if need_noimg and noimg is None:
-                        noimg = cache.fork(cond)
-                    self.append([(cond, block)])
-                    if notext is not None:
-                        cache.free(notext)
-                        notext = cache.fork(cond)
-            if need_noimg and noimg is None:
-                noimg = cache.fork(cond)
-        except BaseException:
-            for c in ctxs():
-                cache.free(c)
-            raise
-        return CFGContexts(cond, notext, noimg)
+        seq = ([TextItem(system_prompt)] if system_prompt else []) + list(items)
+        for index, item in enumerate(seq):
+            is_system = system_prompt is not None and index == 0
+            block = self.block_for(item)
+            if isinstance(item, TextItem):
+                if ctxs.notext is not None and not is_system:
+                    cache.free(ctxs.notext)
+                    ctxs.notext = cache.fork(ctxs.cond)
+                targets = [ctxs.cond] + ([ctxs.noimg] if ctxs.noimg is not None else [])
+                self.append([(c, block) for c in targets])
+            else:
+                if ctxs.track_noimg and ctxs.noimg is None:
+                    ctxs.noimg = cache.fork(ctxs.cond)
+                self.append([(ctxs.cond, block)])
+                if ctxs.notext is not None:
+                    cache.free(ctxs.notext)
+                    ctxs.notext = cache.fork(ctxs.cond)
+
+    def separate_noimg(self, ctxs: CFGContexts) -> None:
+        """Before cond diverges from a no-image context it still equals (think text), give it its own."""
+        if ctxs.track_noimg and ctxs.noimg is None:
+            ctxs.noimg = self.cache.fork(ctxs.cond)
+
+    def fork_contexts(self, ctxs: CFGContexts) -> CFGContexts:
+        fork = self.cache.fork
+        return CFGContexts(fork(ctxs.cond), ctxs.notext and fork(ctxs.notext), ctxs.noimg and fork(ctxs.noimg),
+                           track_noimg=ctxs.track_noimg)
 
     # ---- units: what one request needs from one forward -------------------------------------------
     @torch.inference_mode()
@@ -503,46 +516,75 @@ class LLMEngine:
         latent = unpatchify_latent(x.cpu(), h, w, self.cfg.latent_patch_size, self.cfg.latent_channels)
         return latent, seed
 
+    def _turn_contexts(self, items: Sequence[ContextItem], system: str | None, session, need_notext: bool,
+                       need_noimg: bool) -> CFGContexts:
+        """A request's contexts: built from scratch, or forked from its session and extended."""
+        base = session.state.cond.length if session is not None else 0
+        self.check_context_size(items, extra=base + (len(self.tok.encode(system)) + 2 if system else 0))
+        if session is None:
+            return self.build_cfg_contexts(items, need_notext=need_notext, need_noimg=need_noimg,
+                                           system_prompt=system)
+        ctxs = self.fork_contexts(session.state)
+        try:
+            self.extend_cfg_contexts(ctxs, items, system)
+        except BaseException:
+            self.free(ctxs)
+            raise
+        return ctxs
+
+    def _end_turn(self, ctxs: CFGContexts, session, answer: str | None) -> None:
+        """Keep a successful turn in its session (with the answer as the next text item), else free it."""
+        if session is None:
+            self.free(ctxs)
+            return
+        if answer:
+            self.extend_cfg_contexts(ctxs, [TextItem(answer)])
+        session.store.adopt(session, ctxs)
+
     def understand_steps(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                         controls: Controls | None = None) -> Steps:
+                         controls: Controls | None = None, session=None) -> Steps:
         params, controls = params or TextParams(), controls or Controls()
         params.validate()
         system = UNDERSTAND_THINK_PROMPT if think else None
-        self.check_context_size(items, extra=len(self.tok.encode(system)) + 2 if system else 0)
-        ctxs = self.build_cfg_contexts(items, need_notext=False, need_noimg=False, system_prompt=system)
+        ctxs = self._turn_contexts(items, system, session, need_notext=False, need_noimg=False)
         try:
             ids = yield from self.decode_steps(ctxs.cond, params, controls, stage="think" if think else "answer")
-        finally:
+        except BaseException:
             self.free(ctxs)
-        text = self.tok.decode(ids)
-        thought = None
-        if think and "</think>" in text:
-            thought, text = text.split("</think>", 1)
+            raise
+        full = self.tok.decode(ids)
+        self._end_turn(ctxs, session, full)
+        text, thought = full, None
+        if think and "</think>" in full:
+            thought, text = full.split("</think>", 1)
             thought = thought.replace("<think>", "").strip()
             text = text.strip()
         return UnderstandResult(text=text, think=thought, tokens=len(ids))
 
     def generate_image_steps(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
-                             think_params: TextParams | None = None, controls: Controls | None = None) -> Steps:
+                             think_params: TextParams | None = None, controls: Controls | None = None,
+                             session=None) -> Steps:
         controls = controls or Controls()
         params.validate(self.cfg)
         think_params = think_params or TextParams(max_new_tokens=1000)
         think_params.validate()
         system = GENERATE_THINK_PROMPT if think else None
-        self.check_context_size(items, extra=len(self.tok.encode(system)) + 2 if system else 0)
         need_notext = params.cfg_text_scale > 1.0
         need_noimg = need_notext and params.cfg_img_scale > 1.0
-        ctxs = self.build_cfg_contexts(items, need_notext=need_notext, need_noimg=need_noimg, system_prompt=system)
+        ctxs = self._turn_contexts(items, system, session, need_notext, need_noimg)
         try:
             thought = None
             if think:
                 ids = yield from self.decode_steps(ctxs.cond, think_params, controls, stage="think")
                 thought = self.tok.decode(ids)
+                self.separate_noimg(ctxs)  # the thinking joins cond only
                 # The reference decodes the thinking text and tokenizes it again before adding it.
                 self.append([(ctxs.cond, self.text_block(self.tok.encode(thought)))])
             latent, seed = yield from self.denoise_steps(ctxs, params, controls)
-        finally:
+        except BaseException:
             self.free(ctxs)
+            raise
+        self._end_turn(ctxs, session, None)
         return ImageResult(latent=latent, seed=seed, think=thought)
 
     # ---- one request alone ---------------------------------------------------------------------------
@@ -560,13 +602,14 @@ class LLMEngine:
             raise
 
     def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                   controls: Controls | None = None) -> UnderstandResult:
-        return self.drive(self.understand_steps(items, params, think, controls))
+                   controls: Controls | None = None, session=None) -> UnderstandResult:
+        return self.drive(self.understand_steps(items, params, think, controls, session))
 
     def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
                        think_params: TextParams | None = None, controls: Controls | None = None,
-                       batch_cfg: bool = True) -> ImageResult:
-        return self.drive(self.generate_image_steps(items, params, think, think_params, controls), batch_cfg)
+                       batch_cfg: bool = True, session=None) -> ImageResult:
+        return self.drive(self.generate_image_steps(items, params, think, think_params, controls, session),
+                          batch_cfg)
 
     def free(self, ctxs: CFGContexts) -> None:
         for c in ctxs.all():

@@ -63,14 +63,15 @@ class Scheduler:
         self._incoming.put(_Request(make_steps, controls, fut))
         return fut
 
-    def understand(self, items, params=None, think=False, controls: Controls | None = None) -> Future:
+    def understand(self, items, params=None, think=False, controls: Controls | None = None, session=None) -> Future:
         controls = controls or Controls()
-        return self.submit(lambda: self.engine.understand_steps(items, params, think, controls), controls)
+        return self.submit(lambda: self.engine.understand_steps(items, params, think, controls, session), controls)
 
-    def generate_image(self, items, params, think=False, think_params=None, controls: Controls | None = None) -> Future:
+    def generate_image(self, items, params, think=False, think_params=None, controls: Controls | None = None,
+                       session=None) -> Future:
         controls = controls or Controls()
-        return self.submit(lambda: self.engine.generate_image_steps(items, params, think, think_params, controls),
-                           controls)
+        return self.submit(
+            lambda: self.engine.generate_image_steps(items, params, think, think_params, controls, session), controls)
 
     @property
     def queue_depth(self) -> int:
