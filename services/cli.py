@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True)
     e.set_defaults(func=cmd_edit)
 
+    from services.serve import add_serve_arguments, serve_from_args
+
+    sv = sub.add_parser("serve", help="run a model server (vit, vae or llm) over gRPC")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=serve_from_args)
+
     d = sub.add_parser("demo", help="run every workflow once on the embedded default model")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--checkpoint")

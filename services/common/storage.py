@@ -1,0 +1,200 @@
+"""Object storage through the `minio` client: tensors as safetensors, images as PNG, predictable keys.
+
+Keys are chosen so that a retried request writes the same object again instead of a new one:
+
+    jobs/{job_id}/{kind}/{digest}.{ext}          the caller named a job (the orchestrator always does)
+    requests/{request_id}/{kind}/{digest}.{ext}  otherwise; a client retrying with the same x-request-id
+                                                 gets the same keys
+
+`digest` hashes the step's input (image bytes, latent bytes) and its parameters, so the same input in
+the same job maps to one object, and two inputs never share one. A caller may also name a key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+from PIL import Image
+
+from services.common.tensor_codec import safetensors_to_tensor, tensor_to_safetensors
+
+# Bounds what a single read may pull into memory: 7B ViT features of a 980 px image are ~22 MiB in fp32.
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/=]*$")
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+
+
+class StorageError(RuntimeError):
+    """The object store failed or refused the request (unreachable, bad credentials...)."""
+
+
+class ObjectNotFound(StorageError, LookupError):
+    """The bucket or key does not exist."""
+
+
+class StorageNotConfigured(StorageError):
+    """This server runs without object storage, but the request needs it."""
+
+
+class BadObjectKey(ValueError):
+    """A caller-supplied key is not acceptable, or names an object too large to read (the caller's fault)."""
+
+
+class BucketNotAllowed(PermissionError):
+    """A caller named a bucket other than this deployment's one."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint: str            # host:port of the S3 API, no scheme (the minio client's form)
+    access_key: str
+    secret_key: str
+    bucket: str = "bagel"    # every object this deployment writes lives here
+    secure: bool = False     # https to the store
+    region: str = "us-east-1"  # set explicitly: saves a GetBucketLocation round trip per bucket
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "StorageConfig | None":
+        """BAGEL_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY, _BUCKET, _SECURE, _REGION; None without an endpoint."""
+        env = os.environ if env is None else env
+        endpoint = env.get("BAGEL_S3_ENDPOINT", "").strip()
+        if not endpoint:
+            return None
+        for prefix in ("http://", "https://"):
+            if endpoint.startswith(prefix):
+                endpoint = endpoint[len(prefix):]
+        secure_default = "1" if env.get("BAGEL_S3_ENDPOINT", "").startswith("https://") else "0"
+        return cls(endpoint=endpoint.rstrip("/"), access_key=env.get("BAGEL_S3_ACCESS_KEY", ""),
+                   secret_key=env.get("BAGEL_S3_SECRET_KEY", ""), bucket=env.get("BAGEL_S3_BUCKET", "bagel"),
+                   secure=env.get("BAGEL_S3_SECURE", secure_default).lower() in ("1", "true", "yes"),
+                   region=env.get("BAGEL_S3_REGION", "us-east-1"))
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+def check_key(key: str) -> str:
+    if not key or len(key) > 512 or not _KEY_RE.fullmatch(key) or ".." in key or "//" in key:
+        raise BadObjectKey(f"object key {key!r} is not allowed: use 1-512 characters of [A-Za-z0-9._-/=], "
+                           "not starting with '/' or '.', without '..' or '//'")
+    return key
+
+
+def digest(*parts: bytes | str) -> str:
+    """A short content hash of a step's inputs and parameters (32 hex chars = 128 bits)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:32]
+
+
+def output_key(kind: str, name: str, ext: str, *, job_id: str = "", request_id: str = "") -> str:
+    """`jobs/{job_id}/{kind}/{name}.{ext}`, or under `requests/{request_id}/` when there is no job."""
+    if job_id:
+        prefix = f"jobs/{job_id}"
+    elif request_id:
+        prefix = f"requests/{request_id}"
+    else:
+        raise BadObjectKey("an output key needs a job id or a request id")
+    return check_key(f"{prefix}/{kind}/{name}.{ext}")
+
+
+# ---- the store -----------------------------------------------------------------------------------
+class ObjectStore:
+    """One bucket of an S3-compatible store. Reads and writes bytes, safetensors tensors and PNG images."""
+
+    def __init__(self, cfg: StorageConfig, client: Minio | None = None):
+        self.cfg, self.bucket = cfg, cfg.bucket
+        # Short timeouts and few retries: a dead store should fail a request in seconds, not minutes.
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0), maxsize=16,
+                                   retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                                         status_forcelist=[500, 502, 503, 504]))
+        self.client = client or Minio(cfg.endpoint, access_key=cfg.access_key, secret_key=cfg.secret_key,
+                                      secure=cfg.secure, region=cfg.region, http_client=http)
+
+    def _bucket(self, bucket: str | None) -> str:
+        if bucket and bucket != self.bucket:
+            # The server's credentials may reach other buckets; callers only get this deployment's one.
+            raise BucketNotAllowed(f"bucket {bucket!r} is not served here (this server uses {self.bucket!r})")
+        return self.bucket
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as e:
+            if e.code in _NOT_FOUND_CODES:
+                raise ObjectNotFound(f"{what}: not found ({e.code})") from None
+            raise StorageError(f"{what}: {e.code}: {e.message}") from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise StorageError(f"{what}: object store at {self.cfg.endpoint} failed: {e}") from None
+
+    def ensure_bucket(self) -> None:
+        if not self._call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
+            try:
+                self._call(f"create bucket {self.bucket}", self.client.make_bucket, self.bucket)
+            except StorageError as e:  # another process created it meanwhile
+                if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
+                    raise
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        check_key(key)
+        self._call(f"put {self.bucket}/{key}", self.client.put_object, self.bucket, key, io.BytesIO(data),
+                   len(data), content_type=content_type)
+
+    def get_bytes(self, key: str, bucket: str | None = None, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
+        bucket = self._bucket(bucket)
+        check_key(key)
+        where = f"object {bucket}/{key}"
+        stat = self._call(where, self.client.stat_object, bucket, key)
+        if stat.size is not None and stat.size > max_bytes:
+            raise BadObjectKey(f"{where} is {stat.size} bytes; the limit is {max_bytes}")
+        response = self._call(where, self.client.get_object, bucket, key)
+        try:
+            return self._call(where, response.read)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"object {self.bucket}/{key}", self.client.stat_object, self.bucket, check_key(key))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {self.bucket}/{key}", self.client.remove_object, self.bucket, check_key(key))
+
+    # ---- typed objects ---------------------------------------------------------------------------
+    def put_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        self.put_bytes(key, tensor_to_safetensors(tensor), "application/vnd.safetensors")
+
+    def get_tensor(self, key: str, bucket: str | None = None) -> torch.Tensor:
+        data = self.get_bytes(key, bucket)
+        return safetensors_to_tensor(data, where=f"object {self._bucket(bucket)}/{key}")
+
+    def put_png(self, key: str, pixels: np.ndarray) -> bytes:
+        data = encode_png(pixels)
+        self.put_bytes(key, data, "image/png")
+        return data
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (lossless, so a decode returns the very same pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+__all__ = ["StorageConfig", "ObjectStore", "StorageError", "ObjectNotFound", "StorageNotConfigured",
+           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "output_key", "encode_png", "MAX_OBJECT_BYTES"]

@@ -1,0 +1,102 @@
+"""`serve` end to end: a real process started from the command line, stopped by SIGTERM."""
+
+import argparse
+import importlib.util
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.protos import common_pb2, vit_pb2, vit_pb2_grpc
+from services.serve import ServeError, add_serve_arguments, resolve_dtype, server_module
+from service_helpers import noise_image, png_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _log_lines(proc) -> "queue.Queue[dict]":
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for raw in proc.stderr:
+            try:
+                lines.put(json.loads(raw))
+            except ValueError:
+                lines.put({"msg": raw.strip()})
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _wait_for(lines, msg, timeout=60):
+    seen = []
+    while True:
+        line = lines.get(timeout=timeout)
+        if line is None:
+            raise AssertionError(f"process ended before logging {msg!r}: {seen}")
+        seen.append(line)
+        if line.get("msg") == msg:
+            return line
+
+
+def test_serve_command_serves_until_sigterm(tiny_ckpt_dir, s3, store):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_S3_")}
+    cfg = s3.config(store.bucket)
+    env.update(BAGEL_S3_ENDPOINT=cfg.endpoint, BAGEL_S3_ACCESS_KEY=cfg.access_key, BAGEL_S3_SECRET_KEY=cfg.secret_key,
+               BAGEL_S3_BUCKET=cfg.bucket)
+    cmd = [sys.executable, "-m", "services.serve", "vit", "--host", "127.0.0.1", "--port", "0",
+           "--checkpoint", str(tiny_ckpt_dir), "--drain-seconds", "0.2", "--grace-seconds", "2", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        lines = _log_lines(proc)
+        port = _wait_for(lines, "listening")["port"]
+        _wait_for(lines, "serving")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            req = vit_pb2.ViTEncodeRequest(job_id="serve-test", inputs=[
+                vit_pb2.ViTEncodeInput(image=common_pb2.ImageRef(encoded=png_bytes(noise_image(16, 16))))])
+            (feat,) = vit_pb2_grpc.ViTServiceStub(channel).Encode(req, timeout=30).features
+        # Storage came from the BAGEL_S3_* environment, and is the default delivery when configured.
+        assert feat.ref.key.startswith("jobs/serve-test/features/") and store.exists(feat.ref.key)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        messages = []
+        while (line := lines.get(timeout=5)) is not None:
+            messages.append(line.get("msg"))
+        assert messages.index("draining") < messages.index("stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_unknown_or_missing_servers_fail_clearly():
+    with pytest.raises(ServeError, match="unknown service 'nope'"):
+        server_module("nope")
+    if importlib.util.find_spec("services.llm.server") is None:
+        with pytest.raises(ServeError, match="llm server is not available"):
+            server_module("llm")
+    assert hasattr(server_module("vae"), "build_server")
+
+
+def test_cli_arguments_and_dtype_defaults():
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["vae", "--port", "7000", "--metrics-port", "9100", "--auth-token", "t",
+                              "--max-concurrency", "3", "--max-message-mb", "8", "--tls-cert", "c", "--tls-key", "k"])
+    assert (args.service, args.port, args.metrics_port, args.auth_token, args.max_concurrency, args.max_message_mb,
+            args.tls_cert, args.tls_key, args.checkpoint) == ("vae", 7000, 9100, "t", 3, 8.0, "c", "k", None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gpt"])
+    import torch
+    assert resolve_dtype("vit", "auto", "cpu") == torch.float32
+    assert resolve_dtype("vit", "auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("vae", "auto", "cuda") == torch.float32

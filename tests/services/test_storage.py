@@ -1,0 +1,81 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+
+from services.common.storage import (BadObjectKey, BucketNotAllowed, ObjectNotFound, ObjectStore, StorageConfig,
+                                     StorageError, check_key, digest, encode_png, output_key)
+from service_helpers import decode_png
+
+
+def test_tensors_are_stored_as_safetensors(store):
+    t = torch.randn(16, 6, 8)
+    store.put_tensor("jobs/t1/latents/a.safetensors", t)
+    raw = store.get_bytes("jobs/t1/latents/a.safetensors")
+    assert torch.equal(load(raw)["tensor"], t)  # a plain safetensors file, readable by anyone
+    assert torch.equal(store.get_tensor("jobs/t1/latents/a.safetensors"), t)
+    assert store.exists("jobs/t1/latents/a.safetensors")
+
+
+def test_png_objects_round_trip(store):
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    data = store.put_png("jobs/t1/images/a.png", pixels)
+    assert store.get_bytes("jobs/t1/images/a.png") == data
+    assert np.array_equal(decode_png(data), pixels)
+
+
+def test_missing_key_raises_not_found(store):
+    with pytest.raises(ObjectNotFound, match="jobs/none/latents/x.safetensors"):
+        store.get_tensor("jobs/none/latents/x.safetensors")
+    assert not store.exists("jobs/none/latents/x.safetensors")
+
+
+@pytest.mark.parametrize("field, value", [("secret_key", "wrong-secret"), ("access_key", "nobody")])
+def test_the_server_checks_credentials(s3, store, field, value):
+    store.put_bytes("jobs/t1/cred.bin", b"x")
+    bad = ObjectStore(replace(store.cfg, **{field: value}))
+    with pytest.raises(StorageError) as info:
+        bad.get_bytes("jobs/t1/cred.bin")
+    assert not isinstance(info.value, ObjectNotFound)
+    with pytest.raises(StorageError):
+        bad.put_bytes("jobs/t1/cred2.bin", b"y")
+    assert not store.exists("jobs/t1/cred2.bin")
+
+
+def test_only_the_configured_bucket_is_readable(store):
+    with pytest.raises(BucketNotAllowed, match="not served here"):
+        store.get_bytes("jobs/t1/latents/a.safetensors", bucket="someone-elses")
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", ".hidden", "with space", "x" * 600, "a\nb",
+                                 "trailing\n"])
+def test_bad_keys_are_refused(key):
+    with pytest.raises(BadObjectKey):
+        check_key(key)
+
+
+def test_output_keys_are_predictable():
+    d = digest("vae-encode", b"image bytes")
+    assert d == digest("vae-encode", b"image bytes") and len(d) == 32
+    assert d != digest("vae-encode", b"other bytes")
+    assert digest("ab", "c") != digest("a", "bc")  # parts are length-framed
+    assert output_key("latents", d, "safetensors", job_id="j1") == f"jobs/j1/latents/{d}.safetensors"
+    assert output_key("images", d, "png", request_id="r9") == f"requests/r9/images/{d}.png"
+    with pytest.raises(BadObjectKey):
+        output_key("images", d, "png")
+
+
+def test_config_from_env():
+    assert StorageConfig.from_env({}) is None
+    cfg = StorageConfig.from_env({"BAGEL_S3_ENDPOINT": "https://s3.local:9000/", "BAGEL_S3_ACCESS_KEY": "a",
+                                  "BAGEL_S3_SECRET_KEY": "b", "BAGEL_S3_BUCKET": "bk"})
+    assert (cfg.endpoint, cfg.access_key, cfg.secret_key, cfg.bucket, cfg.secure) == ("s3.local:9000", "a", "b",
+                                                                                      "bk", True)
+    assert StorageConfig.from_env({"BAGEL_S3_ENDPOINT": "minio:9000"}).secure is False
+
+
+def test_encode_png_is_lossless():
+    pixels = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    assert np.array_equal(decode_png(encode_png(pixels)), pixels)
