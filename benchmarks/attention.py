@@ -15,6 +15,10 @@ Backends per case:
 FLOPs: 4 * sum_seqs(q_len * k_len_effective) * Hq * D, the new block counted half when causal
 (services.llm.kernels.paged_prefill.prefill_flops). Decode also reports GB/s: every cached K and V
 byte read once. Before timing each case the Triton output is checked against sdpa (max abs error).
+
+Timing: the 'ms' column is triton.testing.do_bench (median, L2 flushed before each call) of the whole
+backend call, Python included: at decode sizes that is mostly host overhead. --graph adds the same
+call replayed from a CUDA graph (GPU time). --sweep times the kernels alone over launch configs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--page", type=int, default=16, help="KV cache block size (tokens)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--graph", action="store_true",
+                   help="cuda: also time triton and sdpa_best replayed from a CUDA graph (no host overhead; "
+                        "no L2 flush either, so inputs under ~50 MB are timed L2-warm)")
+    p.add_argument("--sweep", action="store_true",
+                   help="cuda: time the Triton kernels over a list of launch configs per case (tuning aid)")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.small:
@@ -59,8 +68,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from services.llm.attention import AttentionMetadata, SDPABackend  # noqa: E402
 from services.llm.kernels.backend import TritonBackend  # noqa: E402
-from services.llm.kernels.paged_decode import decode_kv_bytes  # noqa: E402
-from services.llm.kernels.paged_prefill import prefill_flops  # noqa: E402
+from services.llm.kernels.paged_decode import choose_partition, decode_kv_bytes, paged_decode  # noqa: E402
+from services.llm.kernels.paged_prefill import paged_prefill, prefill_flops  # noqa: E402
+from services.llm.kernels.varlen import varlen_attention as triton_varlen  # noqa: E402
 
 try:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -228,6 +238,65 @@ def bench(fn: Callable, device: str, warmup_ms: int, rep_ms: int) -> float:
     return sorted(times)[1]
 
 
+def bench_graph(fn: Callable) -> float:
+    """Median ms per call replayed from a CUDA graph: GPU time without Python/launch overhead."""
+    import triton.testing
+    return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, page_tiles) for prefill/denoise/ViT; decode:
+# (partition size relative to the heuristic's, BLOCK_N, num_warps, num_stages, page_tiles). None: default.
+PREFILL_SWEEP = [(128, 128, 8, 3, None), (128, 128, 8, 3, True), (128, 64, 8, 3, None), (128, 64, 8, 3, True),
+                 (128, 128, 8, 2, None), (64, 64, 4, 3, None), (128, 128, 8, 4, None)]
+DECODE_SWEEP = [(1, 64, 4, 3, None), (1, 64, 4, 3, True), (1, 128, 4, 3, None), (1, 32, 4, 3, None),
+                (0.5, 64, 4, 3, None), (2, 64, 4, 3, None), (0.25, 64, 4, 3, None)]
+
+
+def sweep_case(case: Case, args, dtype, device) -> None:
+    """Time the Triton kernel itself (CUDA graph) over launch configs, each checked against sdpa."""
+    scale = 1.0 / math.sqrt(case.d)
+    sdpa_be = SDPABackend()
+    if case.kind == "vit":
+        t = sum(case.vit_lens)
+        q, k, v = (torch.randn(t, case.hq, case.d, dtype=dtype, device=device) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(case.vit_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        mx = max(case.vit_lens)
+        flops = 4.0 * sum(n * n for n in case.vit_lens) * case.hq * case.d
+        ref = sdpa_be.varlen_attention(q, k, v, cu, mx, scale).float()
+        variants = [(f"BM{bm} BN{bn} w{w} s{st}",
+                     lambda bm=bm, bn=bn, w=w, st=st: triton_varlen(q, k, v, cu, mx, scale, block_m=bm, block_n=bn,
+                                                                    num_warps=w, num_stages=st))
+                    for bm, bn, w, st, pt in PREFILL_SWEEP if pt is None]
+    else:
+        q, k_new, v_new, k_cache, v_cache, meta = make_paged_inputs(case, args.page, dtype, device)
+        inputs = (q, k_new, v_new, k_cache, v_cache, meta, scale)
+        flops = prefill_flops(case.q_lens, case.ctx_lens, case.causal, case.hq, case.d)
+        ref = sdpa_be.paged_attention(*inputs).float()
+        if all(n == 1 for n in case.q_lens):
+            variants = []
+            for f, bn, w, st, pt in DECODE_SWEEP:
+                p0, _ = choose_partition(len(case.q_lens), case.hkv, max(case.ctx_lens), bn,
+                                         torch.cuda.get_device_properties(0).multi_processor_count)
+                part = max(bn, int(p0 * f) // bn * bn)
+                variants.append((f"part {part} BN{bn} w{w} s{st} pt{pt}",
+                                 lambda part=part, bn=bn, w=w, st=st, pt=pt: paged_decode(
+                                     *inputs, partition_size=part, block_n=bn, num_warps=w, num_stages=st,
+                                     page_tiles=pt)))
+        else:
+            variants = [(f"BM{bm} BN{bn} w{w} s{st} pt{pt}",
+                         lambda bm=bm, bn=bn, w=w, st=st, pt=pt: paged_prefill(
+                             *inputs, block_m=bm, block_n=bn, num_warps=w, num_stages=st, page_tiles=pt))
+                        for bm, bn, w, st, pt in PREFILL_SWEEP]
+    print(f"[sweep] {case.name}", flush=True)
+    for label, fn in variants:
+        try:
+            err = (fn().float() - ref).abs().max().item()
+            ms = bench_graph(fn)
+            print(f"  {label:34s} {ms:8.4f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  err {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"  {label:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+
+
 def run_case(case: Case, args, dtype, device) -> list[dict]:
     triton_be, sdpa_be = TritonBackend(), SDPABackend()
     backends = args.backends.split(",")
@@ -268,12 +337,14 @@ def run_case(case: Case, args, dtype, device) -> list[dict]:
 
     for name in backends:
         fn, why = fns.get(name, (None, "unknown backend"))
-        row = dict(case=case.name, backend=name, ms=None, tflops=None, gbs=None, err=err if name == "triton" else None,
-                   note=why or "")
+        row = dict(case=case.name, backend=name, ms=None, graph_ms=None, tflops=None, gbs=None,
+                   err=err if name == "triton" else None, note=why or "")
         if fn is not None:
             try:
                 ms = bench(fn, device, args.warmup, args.rep)
                 row.update(ms=ms, tflops=flops / ms / 1e9, gbs=(kv_bytes / ms / 1e6) if kv_bytes else None)
+                if args.graph and device == "cuda" and name in ("triton", "sdpa_best"):
+                    row["graph_ms"] = bench_graph(fn)
             except Exception as e:  # one failing baseline must not end the run
                 row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         rows.append(row)
@@ -287,12 +358,13 @@ def markdown(rows: list[dict], device_name: str, dtype) -> str:
     def fmt(x, f):
         return "" if x is None else format(x, f if abs(x) >= 1 else ".3g")
 
-    out = [f"Attention, {device_name}, {str(dtype).replace('torch.', '')} (median ms per call)", "",
-           "| case | backend | ms | TFLOP/s | GB/s (KV read) | max abs err vs sdpa | note |",
-           "|---|---|---:|---:|---:|---:|---|"]
+    out = [f"Attention, {device_name}, {str(dtype).replace('torch.', '')} (median ms per call; TFLOP/s and "
+           "GB/s from the eager ms; 'graph ms' replayed from a CUDA graph, without host overhead)", "",
+           "| case | backend | ms | graph ms | TFLOP/s | GB/s (KV read) | max abs err vs sdpa | note |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        out.append(f"| {r['case']} | {r['backend']} | {fmt(r['ms'], '.3f')} | {fmt(r['tflops'], '.1f')} | "
-                   f"{fmt(r['gbs'], '.0f')} | {fmt(r['err'], '.2e')} | {r['note']} |")
+        out.append(f"| {r['case']} | {r['backend']} | {fmt(r['ms'], '.3f')} | {fmt(r['graph_ms'], '.3f')} | "
+                   f"{fmt(r['tflops'], '.1f')} | {fmt(r['gbs'], '.0f')} | {fmt(r['err'], '.2e')} | {r['note']} |")
     return "\n".join(out)
 
 
@@ -305,6 +377,12 @@ def main(args) -> None:
     torch.manual_seed(0)
     cases = build_cases(args.small, set(args.cases.split(",")))
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
+    if args.sweep:
+        if device != "cuda":
+            sys.exit("--sweep needs --device cuda")
+        for case in cases:
+            sweep_case(case, args, dtype, device)
+        return
     rows = []
     for case in cases:
         rows += run_case(case, args, dtype, device)

@@ -23,6 +23,9 @@ from services.llm.kernels import backend as triton_backend
 from services.llm.kernels.paged_decode import choose_partition, paged_decode
 from services.llm.kernels.paged_prefill import build_tile_map, paged_prefill, prefill_flops
 
+# The interpreter's own numpy calls warn about array-to-scalar conversion; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
 INTERPRETED = triton_backend.kernels_interpreted()
 DEVICE = "cpu" if INTERPRETED else "cuda"
 ATOL = RTOL = 2e-3          # fp32
@@ -128,8 +131,10 @@ def test_prefill_random_batches(ratio, head_dim):
     causal = [rng.random() < 0.5, True, False]
     order = list(range(3))
     rng.shuffle(order)
+    # ratio 4 calls the kernel directly with per-page table lookups; the others go through the backend.
+    kw = dict(page_tiles=True) if ratio == 4 else {}
     check_paged([q_lens[i] for i in order], [ctx_lens[i] for i in order], [causal[i] for i in order],
-                ratio * hkv, hkv, head_dim, page, seed)
+                ratio * hkv, hkv, head_dim, page, seed, **kw)
 
 
 @pytest.mark.parametrize("mode", ["causal", "bidirectional", "mixed"])
@@ -148,9 +153,17 @@ def test_prefill_empty_cache(causal):
     check_paged([19, 5, 34], [0, 0, 0], [causal, not causal, causal], 7, 1, 72, 16, seed=3)
 
 
-def test_prefill_block_sizes_and_long_prefix():
-    """BLOCK_M 32 > BLOCK_N 16 (several diagonal blocks per tile), prefix over many 8-token pages."""
-    check_paged([50, 3], [131, 64], [True, False], 4, 2, 64, 8, seed=11, block_m=32, block_n=16)
+@pytest.mark.parametrize("page_tiles", [True, False])
+def test_prefill_block_sizes_and_long_prefix(page_tiles):
+    """BLOCK_M 32 > BLOCK_N 16 (several diagonal blocks per tile), prefix over many 8-token pages, table
+    looked up per page (two pages per BLOCK_N) or per position."""
+    check_paged([50, 3], [131, 64], [True, False], 4, 2, 64, 8, seed=11, block_m=32, block_n=16,
+                page_tiles=page_tiles)
+
+
+def test_prefill_page_larger_than_block_n():
+    """32-token pages, BLOCK_N 16: two key blocks per page (per-position table lookups)."""
+    check_paged([20, 35], [77, 32], [False, True], 4, 1, 64, 32, seed=12, block_m=16, block_n=16)
 
 
 def test_prefill_tile_map_and_flops():
@@ -169,8 +182,9 @@ def test_decode_split_partitions(ratio, head_dim):
     rng = random.Random(ratio * 7 + head_dim)
     hkv = 2 if ratio == 1 else 1
     ctx_lens = [0, 1, rng.randint(17, 60), rng.randint(100, 150)]
-    check_paged([1] * 4, ctx_lens, [True, False, True, False], ratio * hkv, hkv, head_dim, 16,
-                seed=ratio + head_dim, partition_size=32)
+    page = rng.choice([8, 16, 32])
+    check_paged([1] * 4, ctx_lens, [True, False, True, False], ratio * hkv, hkv, head_dim, page,
+                seed=ratio + head_dim, partition_size=32, block_n=16, page_tiles=head_dim != 72)
 
 
 def test_decode_default_split_heuristic_through_backend():
@@ -184,7 +198,7 @@ def test_decode_default_split_heuristic_through_backend():
 def test_decode_matches_prefill_kernel():
     """q_len == 1 through the prefill kernel and through the split-K decode kernel agree."""
     q, kn, vn, kc, vc, meta = make_batch([1, 1], [70, 33], [True, False], 4, 1, 64, 16, seed=9)
-    a = paged_decode(q, kn, vn, kc, vc, meta, 0.125, partition_size=16)
+    a = paged_decode(q, kn, vn, kc, vc, meta, 0.125, partition_size=16, block_n=16)
     b = paged_prefill(q, kn, vn, kc, vc, meta, 0.125)
     assert_close(a, b, what="decode vs prefill kernel")
     assert_close(a, SDPA.paged_attention(q, kn, vn, kc, vc, meta, 0.125), what="decode vs sdpa")

@@ -35,23 +35,18 @@ def kernels_interpreted() -> bool:
     return isinstance(_paged_prefill_kernel, InterpretedFunction)
 
 
-def _check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError("triton attention: all tensors must be on one device, got "
-                         + ", ".join(f"{n}={t.device}" for n, t in tensors.items()))
-    device = devices.pop()
-    if device.type == "cuda":
-        if kernels_interpreted():
-            return device  # the interpreter copies CUDA tensors to the host: slow but correct
-    elif not kernels_interpreted():
-        raise RuntimeError(f"triton attention on {device} tensors needs the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before importing triton / services.llm.kernels")
-    return device
+def _check_device(device: torch.device, others) -> None:
+    for t in others:
+        if t.device != device:
+            raise ValueError(f"triton attention: all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cuda" or kernels_interpreted():
+        return  # (the interpreter also takes CUDA tensors: it copies them to the host, slow but correct)
+    raise RuntimeError(f"triton attention on {device} tensors needs the Triton interpreter: set "
+                       "TRITON_INTERPRET=1 before importing triton / services.llm.kernels")
 
 
-def _check_last_dim_contiguous(tensors: dict[str, torch.Tensor]) -> None:
-    for n, t in tensors.items():
+def _check_last_dim_contiguous(names: str, tensors) -> None:
+    for n, t in zip(names.split(), tensors):
         if t.stride(-1) != 1:
             raise ValueError(f"triton attention: {n} must be contiguous in its last (head_dim) dimension, "
                              f"got strides {tuple(t.stride())}; call .contiguous() first")
@@ -64,6 +59,48 @@ def _as_index(t: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
     if t.dtype != torch.int32 or not t.is_contiguous():
         t = t.to(torch.int32).contiguous()
     return t
+
+
+class _KernelMeta:
+    """What the kernels read from an AttentionMetadata: its index tensors as contiguous int32 on the
+    compute device, checked once. Cached on the metadata object (one batch's metadata serves every
+    layer), so the metadata must not be mutated after its first use; the prefill tile map is cached
+    alongside."""
+
+    def __init__(self, meta: AttentionMetadata, device: torch.device):
+        b = len(meta.q_lens)
+        if len(meta.ctx_lens) != b or len(meta.causal) != b:
+            raise ValueError(f"triton attention: meta has {b} q_lens, {len(meta.ctx_lens)} ctx_lens, "
+                             f"{len(meta.causal)} causal flags")
+        if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != b:
+            raise ValueError(f"triton attention: block_tables must be [B={b}, max_blocks], got "
+                             f"{tuple(meta.block_tables.shape)}")
+        need_blocks = max([-(-c // meta.block_size) for c in meta.ctx_lens], default=0)
+        if need_blocks > meta.block_tables.shape[1]:
+            raise ValueError(f"triton attention: a prefix needs {need_blocks} blocks, block_tables has "
+                             f"{meta.block_tables.shape[1]} columns")
+        self.device = device
+        self.q_lens, self.ctx_lens, self.causal = meta.q_lens, meta.ctx_lens, meta.causal
+        self.block_size = meta.block_size
+        self.total_q = sum(meta.q_lens)
+        self.decode = b > 0 and all(n == 1 for n in meta.q_lens)
+        self.cu_q = _as_index(meta.cu_q, "cu_q", device)
+        self.ctx_lens_t = _as_index(meta.ctx_lens_t, "ctx_lens_t", device)
+        self.causal_t = _as_index(meta.causal_t, "causal_t", device)
+        self.block_tables = _as_index(meta.block_tables, "block_tables", device)
+        self._triton_tile_maps: dict = {}
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    @staticmethod
+    def of(meta: AttentionMetadata, device: torch.device) -> "_KernelMeta":
+        km = meta.__dict__.get("_triton_kernel_meta")
+        if km is None or km.device != device:
+            km = _KernelMeta(meta, device)
+            meta.__dict__["_triton_kernel_meta"] = km
+        return km
 
 
 class TritonBackend:
@@ -94,25 +131,17 @@ class TritonBackend:
         if k_cache.dtype not in _FLOAT_DTYPES or v_cache.dtype != k_cache.dtype:
             raise TypeError(f"triton attention: k_cache/v_cache must share a float dtype, got {k_cache.dtype}, "
                             f"{v_cache.dtype}")
-        if sum(meta.q_lens) != tq or len(meta.ctx_lens) != meta.num_seqs or len(meta.causal) != meta.num_seqs:
-            raise ValueError(f"triton attention: meta describes {sum(meta.q_lens)} new tokens in "
-                             f"{meta.num_seqs} sequences, q has {tq}")
-        if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != meta.num_seqs:
-            raise ValueError(f"triton attention: block_tables must be [B={meta.num_seqs}, max_blocks], got "
-                             f"{tuple(meta.block_tables.shape)}")
-        need_blocks = max([-(-c // meta.block_size) for c in meta.ctx_lens], default=0)
-        if need_blocks > meta.block_tables.shape[1]:
-            raise ValueError(f"triton attention: a prefix needs {need_blocks} blocks, block_tables has "
-                             f"{meta.block_tables.shape[1]} columns")
-        tensors = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
-        device = _check_device(tensors)
-        _check_last_dim_contiguous(tensors)
-        meta_k = _KernelMeta(meta, device)
+        _check_device(q.device, (k_new, v_new, k_cache, v_cache))
+        _check_last_dim_contiguous("q k_new v_new k_cache v_cache", (q, k_new, v_new, k_cache, v_cache))
+        km = _KernelMeta.of(meta, q.device)
+        if km.total_q != tq:
+            raise ValueError(f"triton attention: meta describes {km.total_q} new tokens in {km.num_seqs} "
+                             f"sequences, q has {tq}")
         if tq == 0:
             return torch.empty_like(q)
-        if all(n == 1 for n in meta.q_lens):
-            return paged_decode(q, k_new, v_new, k_cache, v_cache, meta_k, scale)
-        return paged_prefill(q, k_new, v_new, k_cache, v_cache, meta_k, scale)
+        if km.decode:
+            return paged_decode(q, k_new, v_new, k_cache, v_cache, km, scale)
+        return paged_prefill(q, k_new, v_new, k_cache, v_cache, km, scale)
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
         if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -126,31 +155,12 @@ class TritonBackend:
             raise TypeError(f"triton varlen attention: q, k, v must share one of {_FLOAT_DTYPES}, got {q.dtype}, "
                             f"{k.dtype}, {v.dtype}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"triton varlen attention: cu_seqlens must be [num_seqs + 1], got {tuple(cu_seqlens.shape)}")
-        tensors = dict(q=q, k=k, v=v)
-        device = _check_device(tensors)
-        _check_last_dim_contiguous(tensors)
-        cu = _as_index(cu_seqlens, "cu_seqlens", device)
+            raise ValueError(f"triton varlen attention: cu_seqlens must be [num_seqs + 1], got "
+                             f"{tuple(cu_seqlens.shape)}")
+        _check_device(q.device, (k, v))
+        _check_last_dim_contiguous("q k v", (q, k, v))
+        cu = _as_index(cu_seqlens, "cu_seqlens", q.device)
         return _varlen(q, k, v, cu, int(max_seqlen), scale)
-
-
-class _KernelMeta:
-    """meta with its index tensors as contiguous int32 on the compute device (a view, not a copy of meta,
-    so the per-batch tile-map cache lands on the caller's AttentionMetadata)."""
-
-    def __init__(self, meta: AttentionMetadata, device: torch.device):
-        self._meta = meta
-        self.q_lens, self.ctx_lens, self.causal = meta.q_lens, meta.ctx_lens, meta.causal
-        self.block_size = meta.block_size
-        self.cu_q = _as_index(meta.cu_q, "cu_q", device)
-        self.ctx_lens_t = _as_index(meta.ctx_lens_t, "ctx_lens_t", device)
-        self.causal_t = _as_index(meta.causal_t, "causal_t", device)
-        self.block_tables = _as_index(meta.block_tables, "block_tables", device)
-        self.__dict__["_triton_tile_maps"] = meta.__dict__.setdefault("_triton_tile_maps", {})
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_lens)
 
 
 register_backend("triton", TritonBackend)

@@ -65,25 +65,43 @@ def _paged_kv_inner(acc, l_i, m_i, q, K_cache, V_cache, bt_row, k_head_off, v_he
                     stride_kb, stride_kt, stride_vb, stride_vt,
                     lo, hi, kv_len, qk_scale, offs_n, offs_d,
                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HEAD_DIM_PAD: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HEAD_DIM_PAD: tl.constexpr, MASK_N: tl.constexpr, PAGE_TILES: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     """Keys/values at cached positions [lo, hi) of one sequence, gathered through its block table row.
 
     Every query row sees every cached position, so the only mask is pos < kv_len (MASK_N, last block).
+    PAGE_TILES (BLOCK_N a multiple of a power-of-two PAGE_SIZE, lo a multiple of BLOCK_N): look the
+    table up once per page; otherwise once per position (any page size).
     """
     MASK_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         pos = start_n + offs_n
         n_mask = pos < kv_len
-        # Physical slot of each position: block id from the table, offset inside the block.
-        if MASK_N:
-            blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
+        if PAGE_TILES:
+            # BLOCK_N spans whole pages (lo is page aligned): one table entry per page, not per token.
+            NUM_PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+            page = start_n // PAGE_SIZE + tl.arange(0, NUM_PAGES)
+            if MASK_N:
+                blk = tl.load(bt_row + page, mask=page * PAGE_SIZE < kv_len, other=0)
+            else:
+                blk = tl.load(bt_row + page)
+            blk = blk.to(tl.int64)  # block * stride can pass 2**31 elements in a large pool
+            in_page = tl.arange(0, PAGE_SIZE)
+            k_rows = tl.reshape(blk[:, None] * stride_kb + in_page[None, :] * stride_kt, [BLOCK_N])
+            v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
         else:
-            blk = tl.load(bt_row + pos // PAGE_SIZE)
-        blk = blk.to(tl.int64)  # block * stride can pass 2**31 elements in a large pool
-        slot = pos % PAGE_SIZE
-        k_ptrs = K_cache + k_head_off + blk[:, None] * stride_kb + slot[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = V_cache + v_head_off + blk[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]
+            # Physical slot of each position: block id from the table, offset inside the block.
+            if MASK_N:
+                blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
+            else:
+                blk = tl.load(bt_row + pos // PAGE_SIZE)
+            blk = blk.to(tl.int64)
+            slot = pos % PAGE_SIZE
+            k_rows = blk * stride_kb + slot * stride_kt
+            v_rows = blk * stride_vb + slot * stride_vt
+        k_ptrs = K_cache + k_head_off + k_rows[:, None] + offs_d[None, :]
+        v_ptrs = V_cache + v_head_off + v_rows[:, None] + offs_d[None, :]
         k = _load_2d(k_ptrs, n_mask, d_mask, MASK_N, MASK_D).to(q.dtype)
         v = _load_2d(v_ptrs, n_mask, d_mask, MASK_N, MASK_D).to(q.dtype)
         acc, l_i, m_i = _softmax_update(acc, l_i, m_i, q, k, v, qk_scale, n_mask[None, :], MASK_N, DOT_PREC)
@@ -124,7 +142,7 @@ def _paged_prefill_kernel(
         stride_ot, stride_oh, stride_bt,
         qk_scale,
         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE_TILES: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
@@ -156,11 +174,11 @@ def _paged_prefill_kernel(
     acc, l_i, m_i = _paged_kv_inner(acc, l_i, m_i, q, K_cache, V_cache, bt_row, kv_head * stride_kch,
                                     kv_head * stride_vch, stride_kcb, stride_kct, stride_vcb, stride_vct,
                                     0, ctx_full, ctx_len, qk_scale, offs_n, offs_d,
-                                    PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, DOT_PREC)
+                                    PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGE_TILES, DOT_PREC)
     acc, l_i, m_i = _paged_kv_inner(acc, l_i, m_i, q, K_cache, V_cache, bt_row, kv_head * stride_kch,
                                     kv_head * stride_vch, stride_kcb, stride_kct, stride_vcb, stride_vct,
                                     ctx_full, ctx_len, ctx_len, qk_scale, offs_n, offs_d,
-                                    PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, DOT_PREC)
+                                    PAGE_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, PAGE_TILES, DOT_PREC)
 
     # Phase 2: the new block. Causal: keys [0, m0) are all visible to every row of the tile (m0 is a
     # multiple of BLOCK_N), the diagonal part [m0, m0 + BLOCK_M) is masked. Bidirectional: all
@@ -184,8 +202,21 @@ def _paged_prefill_kernel(
 
 
 # ---- host side -----------------------------------------------------------------------------------
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def use_page_tiles(page_size: int, block_n: int, override: bool | None = None) -> bool:
+    """Per-page table lookups (PAGE_TILES) need BLOCK_N to be a multiple of a power-of-two page size.
+    Opt-in (override=True) for now: that path is checked under the interpreter but was not yet compiled
+    or timed on a GPU (benchmarks/attention.py --sweep compares both); the per-position path is."""
+    ok = page_size == next_pow2(page_size) and block_n % page_size == 0
+    return bool(override) and ok
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 dots (the reference is fp32); fp16/bf16 use the tensor cores."""
+    """fp32 inputs: exact fp32 dots ("ieee", FMA; plain tf32 would be ~1e-3 off the fp32 reference).
+    fp32 is the CPU/test path, not the serving one. fp16/bf16 ignore this and use the tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -193,14 +224,16 @@ def is_interpreter(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def prefill_config(head_dim_pad: int, interpret: bool) -> dict:
+def prefill_config(head_dim_pad: int, interpret: bool, elem_size: int = 2) -> dict:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): one config, no autotune (the interpreter can't)."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if elem_size > 2:  # fp32 tiles: half the rows/keys so the pipelined K/V stages fit in shared memory
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim_pad <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim_pad <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if head_dim_pad <= 128:  # H100 sweep (benchmarks/attention.py --sweep): best for denoise, prefill, ViT
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
@@ -231,7 +264,7 @@ def _cached_tile_map(meta, block_m: int, device):
 def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, meta, scale: float, *, block_m: int | None = None,
                   block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None) -> torch.Tensor:
+                  num_stages: int | None = None, page_tiles: bool | None = None) -> torch.Tensor:
     """Packed prefill/denoise attention. Shapes as AttentionBackend.paged_attention (validated by the
     backend); the keyword arguments override the launch config (benchmarks, tests)."""
     tq, hq, d = q.shape
@@ -239,8 +272,8 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
     out = torch.empty_like(q)
     if tq == 0:
         return out
-    d_pad = max(16, triton.next_power_of_2(d))
-    cfg = prefill_config(d_pad, is_interpreter(q))
+    d_pad = max(16, next_pow2(d))
+    cfg = prefill_config(d_pad, is_interpreter(q), q.element_size())
     block_m = block_m or cfg["BLOCK_M"]
     block_n = block_n or cfg["BLOCK_N"]
     if block_m < 16 or block_n < 16 or block_m % block_n:
@@ -257,7 +290,8 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
         out.stride(0), out.stride(1), bt.stride(0),
         scale * LOG2E,
         GROUP=hq // hkv, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, DOT_PREC=dot_precision(q.dtype),
+        HEAD_DIM=d, HEAD_DIM_PAD=d_pad, PAGE_TILES=use_page_tiles(k_cache.shape[1], block_n, page_tiles),
+        DOT_PREC=dot_precision(q.dtype),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_prefill import LOG2E, NEG_BIG, _dense_kv_inner, dot_precision, is_interpreter, prefill_config
+from .paged_prefill import (LOG2E, NEG_BIG, _dense_kv_inner, dot_precision, is_interpreter, next_pow2,
+                            prefill_config)
 
 
 @triton.jit
@@ -72,8 +73,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     num_seqs = cu_seqlens.numel() - 1
     if t == 0 or num_seqs <= 0 or max_seqlen <= 0:
         return out
-    d_pad = max(16, triton.next_power_of_2(d))
-    cfg = prefill_config(d_pad, is_interpreter(q))
+    d_pad = max(16, next_pow2(d))
+    cfg = prefill_config(d_pad, is_interpreter(q), q.element_size())
     block_m = block_m or cfg["BLOCK_M"]
     block_n = block_n or cfg["BLOCK_N"]
     if block_m < 16 or block_n < 16:
