@@ -230,6 +230,18 @@ def test_bad_image_parameters_are_refused(llm, overrides, match):
         llm.generate_image([TextItem("x")], ImageParams(**{**dict(width=64, height=64), **overrides}))
 
 
+@pytest.mark.parametrize("w,h", [(0, 512), (512, 0), (-16, 512), (1000, 512), (512, 1040), (1040, 1040),
+                                 (512.0, 512), (True, 512)])
+def test_generation_size_refused(llm, w, h):
+    with pytest.raises(InputError, match="width|height"):
+        ImageParams(width=w, height=h).validate(llm.cfg)
+
+
+@pytest.mark.parametrize("w,h", [(1024, 576), (1024, 1024), (16, 16), (768, 1024)])
+def test_generation_size_accepted(llm, w, h):
+    ImageParams(width=w, height=h).validate(llm.cfg)
+
+
 @pytest.mark.parametrize("params, match", [
     (TextParams(max_new_tokens=0), "max_new_tokens"),
     (TextParams(do_sample=True, temperature=0.0), "temperature"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.images import (VAE_RESIZE, VIT_RESIZE, ImageError, check_generation_size, load_image,
+from services.common.images import (VAE_RESIZE, VIT_RESIZE, ImageError, load_image,
                                     resize_image, resize_size, to_tensor, vae_resize, vit_resize)
 
 
@@ -183,15 +183,3 @@ def test_to_tensor_range_and_layout():
     assert x[:, 0, 0].tolist() == pytest.approx([-1.0, 128 / 255 * 2 - 1, 1.0], abs=1e-6)
     assert x[:, 0, 1].tolist() == [1.0, -1.0, -1.0]
     assert x.min() >= -1 and x.max() <= 1
-
-
-@pytest.mark.parametrize("w,h", [(0, 512), (512, 0), (-16, 512), (1000, 512), (512, 1040), (1040, 1040),
-                                 (512.0, 512), (True, 512)])
-def test_generation_size_refused(w, h):
-    with pytest.raises(ImageError):
-        check_generation_size(w, h)
-
-
-@pytest.mark.parametrize("w,h", [(1024, 576), (1024, 1024), (16, 16), (768, 1024)])
-def test_generation_size_accepted(w, h):
-    check_generation_size(w, h)

@@ -134,16 +134,3 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
     x = x.to(torch.float32).div(255)
     return x.sub(0.5).div(0.5)
-
-
-def check_generation_size(width: int, height: int, max_side: int = 1024, multiple: int = 16) -> None:
-    """Refuse an output size the generator cannot make: sides must be positive multiples of 16, <= max_side."""
-    for name, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ImageError(f"{name} must be an integer, got {v!r}")
-        if v <= 0:
-            raise ImageError(f"{name} must be positive, got {v}")
-        if v % multiple:
-            raise ImageError(f"{name} must be a multiple of {multiple}, got {v}")
-        if v > max_side:
-            raise ImageError(f"{name} must be at most {max_side}, got {v}")

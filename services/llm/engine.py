@@ -111,6 +111,8 @@ class ImageParams:
     def validate(self, cfg: BagelConfig) -> None:
         step, max_side = cfg.latent_downsample, cfg.max_image_side
         for name, side in (("width", self.width), ("height", self.height)):
+            if isinstance(side, bool) or not isinstance(side, int):
+                raise InputError(f"{name} must be an integer, got {side!r}")
             if side <= 0 or side % step or side > max_side:
                 raise InputError(f"{name} must be a positive multiple of {step} up to {max_side}, got {side}")
         if not 2 <= self.num_timesteps <= 1000:
