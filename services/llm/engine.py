@@ -491,7 +491,8 @@ class LLMEngine:
                 if token == self.tok.eos_id:
                     break
                 out.append(token)
-                controls.report(Progress(stage, len(out), params.max_new_tokens, self.tok.decode(out)))
+                if controls.on_progress is not None:  # decoding the text so far is only for listeners
+                    controls.report(Progress(stage, len(out), params.max_new_tokens, self.tok.decode(out)))
         finally:
             self.cache.free(work)
         return out
