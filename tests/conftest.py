@@ -39,5 +39,12 @@ def _no_leaked_kv_blocks(request):
         assert engine.cache.blocks_in_use == 0, f"{engine.cache.blocks_in_use} KV blocks leaked"
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@pytest.fixture()
+def engine(llm):
+    """A private engine on the shared model: its own KV cache, checked empty after the test."""
+    from services.llm.attention import SDPABackend
+    from services.llm.engine import LLMEngine
+
+    eng = LLMEngine(llm.model, llm.tok, attention=SDPABackend(), kv_cache_tokens=16384)
+    yield eng
+    assert eng.cache.blocks_in_use == 0, f"{eng.cache.blocks_in_use} KV blocks leaked"

@@ -7,16 +7,8 @@ import threading
 import pytest
 import torch
 
-from services.llm.attention import SDPABackend
-from services.llm.engine import Cancelled, Controls, ImageParams, InputError, LLMEngine, TextItem, TextParams
+from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
 from services.llm.scheduler import Scheduler, SchedulerClosed
-
-
-@pytest.fixture()
-def engine(llm):
-    eng = LLMEngine(llm.model, llm.tok, attention=SDPABackend(), kv_cache_tokens=16384)
-    yield eng
-    assert eng.cache.blocks_in_use == 0
 
 
 def test_concurrent_generations_share_forwards_and_match_solo_runs(engine):

@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.llm.attention import SDPABackend
-from services.llm.engine import Controls, ImageParams, LLMEngine, TextItem, TextParams, ViTImageItem, Cancelled
+from services.llm.engine import Controls, ImageParams, TextItem, TextParams, ViTImageItem, Cancelled
 from services.llm.sessions import SessionBusy, SessionNotFound, SessionStore, TooManySessions
-
-
-@pytest.fixture()
-def engine(llm):
-    eng = LLMEngine(llm.model, llm.tok, attention=SDPABackend(), kv_cache_tokens=16384)
-    yield eng
-    assert eng.cache.blocks_in_use == 0
 
 
 def vit(seed):
