@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.llm.attention import gather_prefix
+
 
 class KVCacheFull(RuntimeError):
     """The pool has no free block left: the caller should reject or queue the request."""
@@ -112,8 +114,9 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [n, kv_heads, head_dim] written at flat slot ids."""
-        self.k[layer].view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(self.k.dtype)
-        self.v[layer].view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(self.v.dtype)
+        # index_copy_: advanced-index assignment into the pool is far slower on the CPU
+        self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v.dtype))
 
     # ---- reading ----------------------------------------------------------------------------
     def block_table(self, contexts: list[KVContext], lengths: list[int] | None = None) -> torch.Tensor:
@@ -128,11 +131,7 @@ class PagedKVCache:
 
     def gather(self, layer: int, ctx_blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` cached K/V of one sequence: [length, kv_heads, head_dim] each."""
-        nb = -(-length // self.block_size)
-        idx = ctx_blocks[:nb].long()
-        k = self.k[layer, idx].reshape(-1, self.num_kv_heads, self.head_dim)[:length]
-        v = self.v[layer, idx].reshape(-1, self.num_kv_heads, self.head_dim)[:length]
-        return k, v
+        return gather_prefix(self.k[layer], self.v[layer], ctx_blocks, length)
 
     def _check_alive(self, ctx: KVContext) -> None:
         if ctx.freed:
