@@ -1,0 +1,117 @@
+"""The workflows run distributed, unchanged: services/orchestrator/workflows.py against gRPC clients of the
+three real servers (tensors between them in the local S3 server), compared with the same workflows
+in-process (tests/conftest.py's `clients`) on the same tiny checkpoint and seeds."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from services.common.images import vae_resize
+from services.common.rpc import ServerOptions
+from services.llm import server as llm_server_module
+from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
+from services.orchestrator import workflows as wf
+from services.orchestrator.remote import RemoteViTImageItem, remote_clients
+from service_helpers import noise_image
+
+
+@pytest.fixture(scope="module")
+def llm_server(tiny_ckpt, store):
+    server = llm_server_module.build_server(ServerOptions(host="127.0.0.1", port=0, drain_seconds=0.0,
+                                                          grace_seconds=2.0), tiny_ckpt.config, store)
+    server.start()
+    server.load(lambda: llm_server_module.load_engine(tiny_ckpt, kv_cache_tokens=16384))
+    yield server
+    server.stop(grace=0, drain_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def remote(vit_server, vae_server, llm_server, store):
+    c = remote_clients(vit_server.address, vae_server.address, f"127.0.0.1:{llm_server.port}", store=store,
+                       timeout=120, job_id="job-distributed")
+    yield c
+    c.close()
+
+
+def picture():
+    return noise_image(24, 24, seed=9)  # the VAE resize makes it 512x512
+
+
+def test_text_to_image_distributed_equals_in_process(remote, clients, store):
+    params = ImageParams(width=64, height=48, num_timesteps=4, seed=21)
+    got = wf.generate(remote, "a red boat on a lake", params)
+    want = wf.generate(clients, "a red boat on a lake", params)
+    assert got.seed == want.seed == 21
+    assert torch.equal(got.latent, want.latent)
+    assert got.pixels.dtype == np.uint8 and np.array_equal(got.pixels, want.pixels)
+    stored = [k for k in _keys(store, "jobs/job-distributed/latents/")]
+    assert any(torch.equal(store.get_tensor(k), want.latent) for k in stored)  # the LLM kept it under the job
+
+
+def test_edit_distributed_equals_in_process(remote, clients):
+    image = picture()
+    params = wf.edit_params(image, num_timesteps=3, seed=4)
+    got = wf.edit(remote, image, "make it blue", params)
+    want = wf.edit(clients, image, "make it blue", params)
+    assert got.latent.shape == (16, 64, 64) and got.pixels.shape == (512, 512, 3)
+    assert torch.equal(got.latent, want.latent) and np.array_equal(got.pixels, want.pixels)
+
+
+def test_understand_distributed_equals_in_process(remote, clients):
+    for think in (False, True):
+        p = TextParams(max_new_tokens=6)
+        got = wf.understand(remote, picture(), "what is in the picture?", p, think=think)
+        want = wf.understand(clients, picture(), "what is in the picture?", p, think=think)
+        assert (got.text, got.think, got.tokens) == (want.text, want.think, want.tokens)
+
+
+def test_features_travel_by_key_not_through_the_orchestrator(remote, clients):
+    (item,) = remote.vit.encode([vae_resize(picture())])
+    assert isinstance(item, RemoteViTImageItem) and item.message.ref.key.startswith("jobs/job-distributed/features/")
+    assert not item.message.HasField("inline")
+    got = remote.llm.understand([item, TextItem("describe it")], TextParams(max_new_tokens=4))
+    assert item._features is None  # the LLM read the object itself; nothing was fetched here
+    (local,) = clients.vit.encode([vae_resize(picture())])
+    assert torch.equal(item.features, local.features)  # fetched on demand, equal to the in-process features
+    assert got.text == clients.llm.understand([local, TextItem("describe it")], TextParams(max_new_tokens=4)).text
+
+
+def test_progress_cancel_and_errors_reach_the_workflow(remote, llm_server):
+    steps = []
+    controls = Controls()
+
+    def on_progress(p):
+        steps.append(p.step)
+        if p.step == 2:
+            controls.cancel.set()
+
+    controls.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        wf.generate(remote, "x", ImageParams(width=64, height=64, num_timesteps=500, seed=0), controls=controls)
+    assert steps[:2] == [1, 2]
+    with pytest.raises(InputError, match="width"):
+        wf.generate(remote, "x", ImageParams(width=1000, height=64, num_timesteps=2))
+    engine = llm_server.slot.peek()
+    deadline = time.monotonic() + 10
+    while engine.cache.blocks_in_use and time.monotonic() < deadline:  # dropped at the server's next step
+        time.sleep(0.05)
+    assert engine.cache.blocks_in_use == 0
+
+
+def test_a_wrong_address_fails_with_unavailable(store):
+    c = remote_clients("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", store=store, timeout=2)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            wf.generate(c, "x", ImageParams(width=32, height=32, num_timesteps=2))
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        c.close()
+
+
+def _keys(store, prefix):
+    return [o.object_name for o in store.client.list_objects(store.bucket, prefix=prefix, recursive=True)]
