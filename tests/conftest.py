@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from services.common.checkpoint import Checkpoint, init_checkpoint
 

@@ -546,7 +546,8 @@ class LLMEngine:
 
     def understand_steps(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
                          controls: Controls | None = None, session=None) -> Steps:
-        params, controls = params or TextParams(), controls or Controls()
+        # The reference's budget: 512 answer tokens, 1000 when the answer starts with its thinking.
+        params, controls = params or TextParams(max_new_tokens=1000 if think else 512), controls or Controls()
         params.validate()
         system = UNDERSTAND_THINK_PROMPT if think else None
         ctxs = self._turn_contexts(items, system, session, need_notext=False, need_noimg=False)

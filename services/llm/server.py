@@ -39,9 +39,8 @@ from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
 from services.llm.attention import get_backend
 from services.llm.engine import Cancelled, Controls, InputError, LLMEngine, Progress
-from services.llm.kv_cache import KVCacheFull
-from services.llm.scheduler import Scheduler, SchedulerClosed
-from services.llm.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
+from services.llm.scheduler import Scheduler
+from services.llm.sessions import Session, SessionNotFound, SessionStore
 
 log = logging.getLogger("bagel.llm")
 
@@ -51,17 +50,6 @@ MAX_SESSION_TTL_S = 24 * 3600
 MAX_SESSION_ID = 256
 EXPIRY_INTERVAL_S = 30.0   # how often idle sessions are swept (acquire() also sweeps)
 RUNTIME_STOP_S = 10.0      # after the gRPC grace period: time for the scheduler to drop what is left
-
-# LLM-only failures, which the common STATUS_TABLE does not know. A busy session is a concurrency
-# conflict that clears when the other turn ends, so ABORTED (retry the turn), not FAILED_PRECONDITION.
-LLM_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (SessionBusy, grpc.StatusCode.ABORTED),
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (KVCacheFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SchedulerClosed, grpc.StatusCode.UNAVAILABLE),
-]
-
 
 def env_int(name: str, default: int, env=None) -> int:
     value = (os.environ if env is None else env).get(name, "").strip()
@@ -78,13 +66,10 @@ def env_int(name: str, default: int, env=None) -> int:
 
 @contextmanager
 def llm_statuses(context: grpc.ServicerContext):
-    """LLM_STATUS for the RPC's errors; and when gRPC stops reading a stream because the RPC ended, the
-    code that ended it (a deadline, or else the client's cancel) for the metrics and the log."""
+    """When gRPC stops reading a stream because the RPC ended, record the code that ended it (a
+    deadline, or else the client's cancel) for the metrics and the log."""
     try:
         yield
-    except tuple(cls for cls, _ in LLM_STATUS) as e:
-        code = next(code for cls, code in LLM_STATUS if isinstance(e, cls))
-        context.abort(code, str(e))
     except GeneratorExit:
         left = time_remaining(context)
         context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0

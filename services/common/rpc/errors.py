@@ -10,6 +10,9 @@ from services.common.storage import (BadObjectKey, BucketNotAllowed, ObjectNotFo
                                      StorageNotConfigured)
 from services.common.tensor_codec import TensorCodecError
 from services.llm.engine import Cancelled, InputError
+from services.llm.kv_cache import KVCacheFull
+from services.llm.scheduler import SchedulerClosed
+from services.llm.sessions import SessionBusy, SessionNotFound, TooManySessions
 
 
 class NotReady(RuntimeError):
@@ -32,6 +35,12 @@ class TooLarge(ValueError):
 # input error is a ValueError).
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    # A busy session is a conflict that clears when the other turn ends: ABORTED (retry the turn).
+    (SessionBusy, grpc.StatusCode.ABORTED),
+    (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (KVCacheFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SchedulerClosed, grpc.StatusCode.UNAVAILABLE),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (StorageNotConfigured, grpc.StatusCode.FAILED_PRECONDITION),
     (BucketNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
