@@ -1,7 +1,7 @@
 """Service split overhead: the same workflows (services/orchestrator/workflows.py) in-process and
 distributed, on random weights of a preset.
 
-    python benchmarks/services.py --preset small --size 256 --steps 10
+    python benchmarks/service_split.py --preset small --size 256 --steps 10
 
 Distributed means the ViT, VAE and LLM servers run as three separate processes on this machine
 (`python -m services.serve ...`), called over gRPC by services/orchestrator/remote.py, with the ViT
