@@ -7,7 +7,7 @@ run branch by branch (as the reference does), and understanding decode speed.
 Weights are random (initialised directly on the device, no checkpoint file), which is all a speed
 measurement needs; image context items are random tensors of the right shapes, so only the LLM side
 (where CFG batching happens) is timed. Prints a markdown table; latencies are the median of --repeats
-runs after one warm-up.
+runs after one warm-up (batched and branch-by-branch runs interleaved).
 """
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ def random_engine(preset_name: str, device: str, dtype: torch.dtype, attention: 
     model.eval().requires_grad_(False)
     return LLMEngine(model, BagelTokenizer(packaged_tokenizer_dir()), attention=get_backend(attention, device),
                      kv_cache_tokens=kv_tokens)
+
+
+def timed_pair(fn_a, fn_b, repeats: int, sync) -> tuple[float, float]:
+    """Median latencies of two alternatives, runs interleaved (a, b, a, b...) after one warm-up each,
+    so that drift of a shared machine hits both alike."""
+    fn_a(), fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def timed(fn, repeats: int, sync) -> tuple[float, object]:
@@ -86,12 +101,11 @@ def main() -> None:
     edit_items = [vae_item, vit_item, TextItem("make the water green")]
     for workload, items, params in (("text-to-image (2 branches)", [TextItem(prompt)], t2i),
                                     ("edit (3 branches)", edit_items, edit)):
-        secs = {}
-        for label, batch in (("batched", True), ("branch by branch", False)):
-            secs[label], _ = timed(lambda: llm.generate_image(items, params, batch_cfg=batch), args.repeats, sync)
-            rows.append((f"{workload} {args.size}px, {n_steps} steps, {label}", secs[label],
-                         f"{n_steps / secs[label]:.2f} steps/s"))
-        rows.append((f"{workload}: batched speed-up", None, f"x{secs['branch by branch'] / secs['batched']:.2f}"))
+        batched, branchwise = timed_pair(lambda: llm.generate_image(items, params, batch_cfg=True),
+                                         lambda: llm.generate_image(items, params, batch_cfg=False), args.repeats, sync)
+        for label, sec in (("batched", batched), ("branch by branch", branchwise)):
+            rows.append((f"{workload} {args.size}px, {n_steps} steps, {label}", sec, f"{n_steps / sec:.2f} steps/s"))
+        rows.append((f"{workload}: batched speed-up", None, f"x{branchwise / batched:.2f}"))
 
     und_items = [vit_item, TextItem("Describe the picture in detail.")]
     sec, res = timed(lambda: llm.understand(und_items, TextParams(max_new_tokens=args.tokens)), args.repeats, sync)
