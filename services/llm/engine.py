@@ -14,7 +14,6 @@ The ladder, bottom up:
 from __future__ import annotations
 
 import secrets
-from collections import deque
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
@@ -253,7 +252,6 @@ class LLMEngine:
         self.max_context_tokens = min(max_context_tokens or llm.max_position_embeddings, kv_cache_tokens)
         self.scale = llm.head_dim ** -0.5
         self.forward_count = 0  # model forwards run; lets tests and metrics see batching
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # units per run_units call, most recent last
 
     # ---- one packed forward ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -437,7 +435,6 @@ class LLMEngine:
             for (i, _), plan in zip(denoise, plans):
                 results[i] = plan.guide([self.model.velocity(h[1:-1]).float() for h in hidden[:len(plan.branches)]])
                 hidden = hidden[len(plan.branches):]
-        self.batch_sizes.append(len(units))
         return results
 
     def _token_block(self, token: int) -> Block:
