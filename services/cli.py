@@ -12,7 +12,8 @@ from pathlib import Path
 from services.common.checkpoint import Checkpoint, CheckpointError, init_checkpoint
 from services.common.config import PRESETS
 from services.common.images import ImageError, load_image
-from services.llm.engine import Cancelled, Controls, ImageParams, InputError, Progress, TextParams
+from services.llm.engine import (ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, ImageParams, InputError, Progress,
+                                 TextParams)
 
 USER_ERRORS = (InputError, ImageError, CheckpointError, FileNotFoundError)
 
@@ -86,7 +87,7 @@ def cmd_understand(args) -> int:
 
     image = load_image(args.image)
     controls, close = _progress_controls()
-    params = TextParams(max_new_tokens=args.max_new_tokens or (1000 if args.think else 512),
+    params = TextParams(max_new_tokens=args.max_new_tokens or (THINK_TOKENS if args.think else ANSWER_TOKENS),
                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         res = wf.understand(_clients(args), image, args.prompt, params, think=args.think, controls=controls)

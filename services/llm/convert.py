@@ -14,11 +14,9 @@ import torch
 from services.common.config import BagelConfig
 from services.common.protos import common_pb2, llm_pb2
 from services.common.tensor_codec import RAW, expect, tensor_to_message
-from services.llm.engine import (ContextItem, ImageParams, InputError, Progress, TextItem, TextParams, VAEImageItem,
-                                 ViTImageItem)
+from services.llm.engine import (THINK_END, ContextItem, ImageParams, InputError, Progress, TextItem, TextParams,
+                                 VAEImageItem, ViTImageItem)
 
-ANSWER_TOKENS, THINK_TOKENS = 512, 1000  # proto defaults for max_new_tokens (reference §8)
-THINK_END = "</think>"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 RENORM_NAMES = {llm_pb2.CFG_RENORM_TYPE_GLOBAL: "global", llm_pb2.CFG_RENORM_TYPE_CHANNEL: "channel",

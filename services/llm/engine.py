@@ -41,6 +41,11 @@ GENERATE_THINK_PROMPT = (
 )
 
 
+# The reference's decoding budgets: 512 answer tokens; 1000 when the text starts with thinking.
+ANSWER_TOKENS, THINK_TOKENS = 512, 1000
+THINK_END = "</think>"
+
+
 class InputError(ValueError):
     """The request is invalid (out-of-range parameter, over-long prompt...): the caller's fault."""
 
@@ -72,7 +77,7 @@ ContextItem = TextItem | ViTImageItem | VAEImageItem
 # ---- parameters ----------------------------------------------------------------------------------
 @dataclass
 class TextParams:
-    max_new_tokens: int = 512
+    max_new_tokens: int = ANSWER_TOKENS
     do_sample: bool = False
     temperature: float = 0.3
     top_p: float = 1.0
@@ -543,8 +548,8 @@ class LLMEngine:
 
     def understand_steps(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
                          controls: Controls | None = None, session=None) -> Steps:
-        # The reference's budget: 512 answer tokens, 1000 when the answer starts with its thinking.
-        params, controls = params or TextParams(max_new_tokens=1000 if think else 512), controls or Controls()
+        params = params or TextParams(max_new_tokens=THINK_TOKENS if think else ANSWER_TOKENS)
+        controls = controls or Controls()
         params.validate()
         system = UNDERSTAND_THINK_PROMPT if think else None
         ctxs = self._turn_contexts(items, system, session, need_notext=False, need_noimg=False)
@@ -556,8 +561,8 @@ class LLMEngine:
         full = self.tok.decode(ids)
         self._end_turn(ctxs, session, full)
         text, thought = full, None
-        if think and "</think>" in full:
-            thought, text = full.split("</think>", 1)
+        if think and THINK_END in full:
+            thought, text = full.split(THINK_END, 1)
             thought = thought.replace("<think>", "").strip()
             text = text.strip()
         return UnderstandResult(text=text, think=thought, tokens=len(ids))
@@ -567,7 +572,7 @@ class LLMEngine:
                              session=None) -> Steps:
         controls = controls or Controls()
         params.validate(self.cfg)
-        think_params = think_params or TextParams(max_new_tokens=1000)
+        think_params = think_params or TextParams(max_new_tokens=THINK_TOKENS)
         think_params.validate()
         system = GENERATE_THINK_PROMPT if think else None
         need_notext = params.cfg_text_scale > 1.0

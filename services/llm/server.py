@@ -38,7 +38,7 @@ from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
 from services.llm.attention import get_backend
-from services.llm.engine import Cancelled, Controls, InputError, LLMEngine, Progress
+from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, InputError, LLMEngine, Progress
 from services.llm.scheduler import Scheduler
 from services.llm.sessions import Session, SessionNotFound, SessionStore
 
@@ -239,8 +239,8 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         with llm_statuses(context):
             rt = self._runtime()
             items = self._items(request.items)
-            params = convert.text_params(request.params, convert.THINK_TOKENS if request.think else
-                                         convert.ANSWER_TOKENS)
+            params = convert.text_params(request.params, THINK_TOKENS if request.think else
+                                         ANSWER_TOKENS)
             relay = Relay(context, self.metrics)
             session = self._acquire(rt, request.session)
             fut = self._submit(rt, session, lambda s: rt.scheduler.understand(
@@ -263,7 +263,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             noise = self.payloads.source(request.params.noise, "params.noise") \
                 if request.params.HasField("noise") else None
             params = convert.image_params(request.params, items, self.cfg, noise)
-            think_params = convert.text_params(request.think_params, convert.THINK_TOKENS)
+            think_params = convert.text_params(request.think_params, THINK_TOKENS)
             delivery = self.payloads.delivery(request.delivery)  # refuses object delivery without storage
             if request.output_key:
                 check_key(request.output_key)  # a bad key fails now, not after the generation
