@@ -129,20 +129,25 @@ def cmd_edit(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: every workflow once on the embedded default model, outputs written to --out."""
-    import numpy as np
-    from PIL import Image
+    """The main job: every workflow once on the embedded default model, outputs written to --out. By
+    default through the whole local stack (Redis, S3, model servers, Celery worker, gateway)."""
+    if not args.in_process:
+        import tempfile
+
+        from services.orchestrator.demo import run_demo
+
+        with tempfile.TemporaryDirectory(prefix="bagel-stack-") as workdir:
+            report = run_demo(Path(args.out), Path(workdir), args.checkpoint, args.device)
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
 
     from services.orchestrator import workflows as wf
+    from services.orchestrator.demo import demo_picture
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     clients = _clients(args)
-    # A deterministic input picture: a gradient with a square, so the run needs no files.
-    yy, xx = np.mgrid[0:96, 0:128]
-    pic = np.stack([xx * 2, yy * 2, np.full_like(xx, 128)], -1).astype(np.uint8)
-    pic[30:60, 40:80] = (250, 40, 40)
-    image = Image.fromarray(pic)
+    image = demo_picture()
     image.save(out_dir / "input.png")
     report = {}
     t = time.perf_counter()
@@ -161,6 +166,43 @@ def cmd_demo(args) -> int:
                       "seconds": round(time.perf_counter() - t, 2)}
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def cmd_worker(args) -> int:
+    """A Celery worker of the orchestrator (configuration from the environment: settings.py)."""
+    from services.common.rpc.logs import configure_logging
+
+    configure_logging(args.log_level)
+    from services.orchestrator.celery_app import app
+    from services.orchestrator.settings import QUEUE
+
+    # Threads: a job mostly waits on gRPC calls to the model servers, so a process runs several.
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", QUEUE,
+                     "--loglevel", args.log_level, "--hostname", args.hostname, "--without-gossip",
+                     "--without-mingle"])
+    return 0
+
+
+def cmd_stack(args) -> int:
+    """Run the local stack until interrupted, printing how to reach it."""
+    import signal
+    import tempfile
+
+    from services.orchestrator.stack import LocalStack
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bagel-stack-"))
+    with LocalStack(workdir, checkpoint=args.checkpoint, device=args.device,
+                    worker_concurrency=args.worker_concurrency) as stack:
+        print(json.dumps({"http": stack.http_url, "grpc": stack.grpc_address, "redis": stack.redis.url,
+                          "s3": stack.s3.endpoint, "logs": str(workdir / "logs")}, indent=2), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while all(p.poll() is None for p in stack.processes.values()):
+                time.sleep(1)
+            print("a process of the stack exited; see its log", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,12 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(sv)
     sv.set_defaults(func=serve_from_args)
 
-    d = sub.add_parser("demo", help="run every workflow once on the embedded default model")
+    d = sub.add_parser("demo", help="run every workflow once on the embedded default model, through the local stack")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--checkpoint")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--attention")
+    d.add_argument("--attention", help="attention backend (with --in-process)")
+    d.add_argument("--in-process", action="store_true", help="run the engines in this process, no services")
     d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("worker", help="run a Celery worker of the orchestrator (config: BAGEL_* environment)")
+    w.add_argument("--concurrency", type=int, default=4, help="jobs run at once (threads)")
+    w.add_argument("--hostname", default="celery@%h", help="the worker's node name")
+    w.add_argument("--log-level", default="INFO")
+    w.set_defaults(func=cmd_worker)
+
+    from services.orchestrator.gateway import add_gateway_arguments, gateway_from_args
+
+    gw = sub.add_parser("gateway", help="run the job API (gRPC JobService + HTTP/JSON)")
+    add_gateway_arguments(gw)
+    gw.set_defaults(func=gateway_from_args)
+
+    st = sub.add_parser("stack", help="run Redis, S3, the model servers, a worker and the gateway locally")
+    st.add_argument("--workdir", help="data and logs (default: a new temporary folder)")
+    st.add_argument("--checkpoint", help="default: the embedded tiny model")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--worker-concurrency", type=int, default=2)
+    st.set_defaults(func=cmd_stack)
     return p
 
 

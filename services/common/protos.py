@@ -110,6 +110,8 @@ vae_pb2 = importlib.import_module(f"{PACKAGE}.bagel.v1.vae_pb2")
 vae_pb2_grpc = importlib.import_module(f"{PACKAGE}.bagel.v1.vae_pb2_grpc")
 llm_pb2 = importlib.import_module(f"{PACKAGE}.bagel.v1.llm_pb2")
 llm_pb2_grpc = importlib.import_module(f"{PACKAGE}.bagel.v1.llm_pb2_grpc")
+jobs_pb2 = importlib.import_module(f"{PACKAGE}.bagel.v1.jobs_pb2")
+jobs_pb2_grpc = importlib.import_module(f"{PACKAGE}.bagel.v1.jobs_pb2_grpc")
 
 
 def service_name(module, name: str) -> str:
@@ -118,4 +120,5 @@ def service_name(module, name: str) -> str:
 
 
 __all__ = ["common_pb2", "vit_pb2", "vit_pb2_grpc", "vae_pb2", "vae_pb2_grpc", "llm_pb2", "llm_pb2_grpc",
+           "jobs_pb2", "jobs_pb2_grpc",
            "generate", "service_name", "ProtoGenerationError"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import redis
 import torch
 
 from services.common.images import ImageError
@@ -13,6 +14,7 @@ from services.llm.engine import Cancelled, InputError
 from services.llm.kv_cache import KVCacheFull
 from services.llm.scheduler import SchedulerClosed
 from services.llm.sessions import SessionBusy, SessionNotFound, TooManySessions
+from services.orchestrator.jobs import JobNotFound, NoOutput, QueueFull
 
 
 class NotReady(RuntimeError):
@@ -36,6 +38,10 @@ class TooLarge(ValueError):
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ObjectNotFound, grpc.StatusCode.NOT_FOUND),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoOutput, grpc.StatusCode.FAILED_PRECONDITION),
+    (redis.ConnectionError, grpc.StatusCode.UNAVAILABLE),
     # A busy session is a conflict that clears when the other turn ends: ABORTED (retry the turn).
     (SessionBusy, grpc.StatusCode.ABORTED),
     (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),

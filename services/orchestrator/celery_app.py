@@ -1,0 +1,46 @@
+"""The Celery app: Redis as broker and result backend, one task that runs a job (runner.py).
+
+    celery -A services.orchestrator.celery_app:app worker     # or: bagel-serve worker
+
+Delivery is at-least-once and a job is never dropped: the task message is acknowledged only after the
+job has ended (acks_late), a worker takes one message at a time (prefetch 1), and a message whose
+worker died goes back to the queue after the visibility timeout; runner.py's lease makes a second
+delivery harmless. Job state and results live in the job records (jobs.py), not in Celery's backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from services.orchestrator.runner import Runtime, execute
+from services.orchestrator.settings import QUEUE, TASK, OrchestratorSettings
+
+
+def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | None = None) -> Celery:
+    settings = settings or OrchestratorSettings.from_env()
+    app = Celery("bagel", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], result_serializer="json",
+        task_default_queue=QUEUE,
+        task_acks_late=True,                 # acknowledge after the job ended, not when it was received
+        task_reject_on_worker_lost=True,     # a pool child killed mid-job puts the message back
+        task_ignore_result=True,             # results live in the job record
+        worker_prefetch_multiplier=1,        # a worker never sits on jobs another could start
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.bagel_runtime = runtime or Runtime(settings)
+
+    @app.task(name=TASK, bind=True, max_retries=None)
+    def run_job(self, job_id: str) -> None:
+        outcome = execute(job_id, self.app.bagel_runtime)
+        if outcome.retry_in is not None:
+            raise self.retry(countdown=outcome.retry_in)
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,257 @@
+"""Job records in Redis: the one place a job's state, progress and result live.
+
+The gateway creates a record before it queues the job and reads it to answer clients; Celery workers
+move it through its states. Every change is published on the job's channel, so Watch / Run and HTTP
+long-polls follow a job without polling Redis.
+
+Keys (prefix `bagel:`):
+    job:{id}          hash: `job` (the Job proto), `request` (the SubmitJobRequest proto, image
+                      bytes moved to the bucket), `cancel` ("1" once cancellation was asked for)
+    job:{id}:lease    the worker running it; expires unless renewed, so a dead worker's job is
+                      taken over by the next delivery of its message
+    job:{id}:events   pub/sub channel: the Job after every change
+    idem:{key}        idempotency key -> job id
+
+Records of finished jobs expire after `ttl_seconds` (default one day); running ones never do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import redis
+
+from services.common.protos import jobs_pb2
+
+PREFIX = "bagel:"
+TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
+STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in jobs_pb2.JobState.items()}
+_ID_CHARS = frozenset("0123456789abcdef-")
+
+# Renew the lease only if this worker still holds it; release likewise (never another worker's).
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class JobNotFound(LookupError):
+    """No job with this id (never created, or expired)."""
+
+
+class QueueFull(RuntimeError):
+    """More jobs are waiting than the gateway accepts; retry later."""
+
+
+class NoOutput(RuntimeError):
+    """The job has no output to fetch: it has not succeeded, or it answers text."""
+
+
+@dataclass
+class Created:
+    job: jobs_pb2.Job
+    new: bool  # False: an earlier job with the same idempotency key
+
+
+def is_terminal(job: jobs_pb2.Job) -> bool:
+    return job.state in TERMINAL
+
+
+def valid_id(job_id: str) -> bool:
+    return 0 < len(job_id) <= 64 and set(job_id) <= _ID_CHARS
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl_seconds: int = 86400):
+        self.r, self.ttl = client, ttl_seconds
+        self._renew, self._release = client.register_script(_RENEW), client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> "JobStore":
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                        health_check_interval=30), **kwargs)
+
+    # ---- keys ----
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        return self.key(job_id) + ":events"
+
+    # ---- create / read ----
+    def create(self, request: jobs_pb2.SubmitJobRequest, job_id: str | None = None) -> Created:
+        """Record a QUEUED job (the caller then queues its task). With an idempotency key already seen,
+        returns that job instead."""
+        job_id = job_id or uuid.uuid4().hex
+        if request.idempotency_key:
+            idem = f"{PREFIX}idem:{request.idempotency_key}"
+            if not self.r.set(idem, job_id, nx=True, ex=self.ttl):
+                earlier = self.r.get(idem)
+                if earlier is not None:
+                    try:
+                        return Created(self.get(earlier.decode()), new=False)
+                    except JobNotFound:
+                        pass  # the key outlived its job: take it over
+                self.r.set(idem, job_id, ex=self.ttl)
+        job = jobs_pb2.Job(id=job_id, workflow=request.workflow, state=jobs_pb2.JOB_STATE_QUEUED,
+                           progress=jobs_pb2.JobProgress(stage="queued"), created_at=time.time())
+        self.r.hset(self.key(job_id), mapping={"job": job.SerializeToString(),
+                                               "request": request.SerializeToString()})
+        self._publish(job)
+        return Created(job, new=True)
+
+    def get(self, job_id: str) -> jobs_pb2.Job:
+        raw = self.r.hget(self.key(job_id), "job") if valid_id(job_id) else None
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or finished more than {self.ttl} s ago)")
+        return jobs_pb2.Job.FromString(raw)
+
+    def request(self, job_id: str) -> jobs_pb2.SubmitJobRequest:
+        raw = self.r.hget(self.key(job_id), "request")
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return jobs_pb2.SubmitJobRequest.FromString(raw)
+
+    # ---- changes ----
+    def update(self, job_id: str, change: Callable[[jobs_pb2.Job], bool | None]) -> jobs_pb2.Job:
+        """Read-modify-write under WATCH: `change` edits the job in place and returns False to leave it
+        unchanged. Publishes the result when it changed."""
+        key = self.key(job_id)
+        changed: dict[str, bool] = {}
+
+        def transaction(pipe: redis.client.Pipeline) -> jobs_pb2.Job:
+            raw = pipe.hget(key, "job")
+            if raw is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            job = jobs_pb2.Job.FromString(raw)
+            changed["yes"] = change(job) is not False
+            pipe.multi()
+            if changed["yes"]:
+                pipe.hset(key, "job", job.SerializeToString())
+                if is_terminal(job):
+                    pipe.expire(key, self.ttl)
+            return job
+
+        job = self.r.transaction(transaction, key, value_from_callable=True)
+        if changed.get("yes"):
+            self._publish(job)
+        return job
+
+    def start(self, job_id: str) -> jobs_pb2.Job | None:
+        """QUEUED (or RUNNING, when a worker died with it) -> RUNNING. None: nothing left to do (it has
+        ended, or was cancelled while queued, which ends it here)."""
+        cancel = self.cancel_requested(job_id)
+
+        def change(job: jobs_pb2.Job):
+            if is_terminal(job):
+                return False
+            if cancel:
+                _end(job, jobs_pb2.JOB_STATE_CANCELLED, error=("CANCELLED", "cancelled before it started"))
+                return None
+            job.state, job.attempts = jobs_pb2.JOB_STATE_RUNNING, job.attempts + 1
+            job.started_at = job.started_at or time.time()
+            job.progress.CopyFrom(jobs_pb2.JobProgress(stage="encode"))
+            return None
+
+        job = self.update(job_id, change)
+        return job if job.state == jobs_pb2.JOB_STATE_RUNNING else None
+
+    def progress(self, job_id: str, stage: str, step: int = 0, total: int = 0) -> None:
+        def change(job: jobs_pb2.Job):
+            if job.state != jobs_pb2.JOB_STATE_RUNNING:
+                return False
+            job.progress.CopyFrom(jobs_pb2.JobProgress(stage=stage, step=step, total=total))
+            return None
+
+        self.update(job_id, change)
+
+    def requeue(self, job_id: str, reason: str) -> jobs_pb2.Job:
+        """Back to QUEUED after a transient failure; the task is retried."""
+        def change(job: jobs_pb2.Job):
+            if is_terminal(job):
+                return False
+            job.state = jobs_pb2.JOB_STATE_QUEUED
+            job.progress.CopyFrom(jobs_pb2.JobProgress(stage="queued"))
+            job.error.CopyFrom(jobs_pb2.JobError(code="UNAVAILABLE", message=f"retrying: {reason}"))
+            return None
+
+        return self.update(job_id, change)
+
+    def succeed(self, job_id: str, result: jobs_pb2.JobResult) -> jobs_pb2.Job:
+        return self.update(job_id, lambda job: _end(job, jobs_pb2.JOB_STATE_SUCCEEDED, result=result))
+
+    def fail(self, job_id: str, code: str, message: str) -> jobs_pb2.Job:
+        state = jobs_pb2.JOB_STATE_CANCELLED if code == "CANCELLED" else jobs_pb2.JOB_STATE_FAILED
+        return self.update(job_id, lambda job: _end(job, state, error=(code, message)))
+
+    def request_cancel(self, job_id: str) -> jobs_pb2.Job:
+        """A queued job ends CANCELLED now; a running one is flagged and its worker stops at the next step."""
+        job = self.get(job_id)
+        if is_terminal(job):
+            return job
+        self.r.hset(self.key(job_id), "cancel", "1")
+
+        def change(job: jobs_pb2.Job):
+            if job.state != jobs_pb2.JOB_STATE_QUEUED:
+                return False
+            return _end(job, jobs_pb2.JOB_STATE_CANCELLED, error=("CANCELLED", "cancelled before it started"))
+
+        job = self.update(job_id, change)
+        if job.state == jobs_pb2.JOB_STATE_RUNNING:
+            self.r.publish(self.channel(job_id), job.SerializeToString())  # wakes the worker's watcher
+        return job
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.key(job_id), "cancel") == b"1"
+
+    # ---- leases: one worker at a time per job ----
+    def acquire_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self.key(job_id) + ":lease", worker, nx=True, px=int(ttl_s * 1000)))
+
+    def renew_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.key(job_id) + ":lease"], args=[worker, int(ttl_s * 1000)]))
+
+    def release_lease(self, job_id: str, worker: str) -> None:
+        self._release(keys=[self.key(job_id) + ":lease"], args=[worker])
+
+    # ---- following a job ----
+    def watch(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> Iterator[jobs_pb2.Job]:
+        """The job now, then after every change, until it ends or `timeout` seconds pass. Subscribes before
+        reading, so no change between the read and the subscription is missed; re-reads every poll_s in
+        case a message was dropped (pub/sub does not queue for a reconnecting subscriber)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel(job_id))
+        try:
+            last = self.get(job_id)
+            yield last
+            while not is_terminal(last):
+                wait = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                msg = pubsub.get_message(timeout=wait)
+                job = jobs_pb2.Job.FromString(msg["data"]) if msg else self.get(job_id)
+                if job != last:
+                    last = job
+                    yield job
+        finally:
+            pubsub.close()
+
+    def _publish(self, job: jobs_pb2.Job) -> None:
+        self.r.publish(self.channel(job.id), job.SerializeToString())
+
+
+def _end(job: jobs_pb2.Job, state: int, result: jobs_pb2.JobResult | None = None,
+         error: tuple[str, str] | None = None):
+    if is_terminal(job):
+        return False  # the first ending stands
+    job.state, job.finished_at = state, time.time()
+    job.progress.CopyFrom(jobs_pb2.JobProgress(stage=STATE_NAMES[state]))
+    job.ClearField("error")
+    if result is not None:
+        job.result.CopyFrom(result)
+    if error is not None:
+        job.error.CopyFrom(jobs_pb2.JobError(code=error[0], message=error[1]))
+    return None

@@ -1,0 +1,86 @@
+"""A job request (the `SubmitJobRequest` proto, from gRPC or HTTP JSON) read into workflow arguments.
+
+The gateway runs `check_request` before it accepts a job, so bad input is refused at once with a clear
+message instead of becoming a failed job; the worker runs `plan_job` on the stored request to get the
+very arguments it passes to services/orchestrator/workflows.py. Both use the LLM server's own proto
+conversion (services/llm/convert.py), so a parameter means the same thing on every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from services.common.config import BagelConfig, preset
+from services.common.images import load_image, vae_resize
+from services.common.protos import jobs_pb2, llm_pb2
+from services.llm import convert
+from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, TextParams
+
+# Every published preset shares these limits (1024 px sides, 16 px latent patches); the LLM server
+# checks the exact context size against its own model again.
+DEFAULT_CONFIG = preset("bagel-7b-mot")
+MAX_PROMPT_CHARS = 65536
+WORKFLOW_NAMES = {jobs_pb2.WORKFLOW_UNDERSTAND: "understand", jobs_pb2.WORKFLOW_GENERATE: "generate",
+                  jobs_pb2.WORKFLOW_EDIT: "edit"}
+NEEDS_IMAGE = {jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_EDIT}
+
+
+@dataclass
+class JobPlan:
+    workflow: str                         # understand | generate | edit
+    prompt: str
+    image: Image.Image | None = None      # decoded input (understand / edit)
+    image_params: ImageParams | None = None
+    text_params: TextParams | None = None  # the answer's (understand) or the plan's (think)
+    think: bool = False
+
+
+def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
+    """What can be checked without the input image: raises InputError."""
+    if req.workflow not in WORKFLOW_NAMES:
+        raise InputError(f"workflow: choose understand, generate or edit (got {req.workflow})")
+    if not req.prompt.strip():
+        raise InputError("prompt: must not be empty")
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"prompt: {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    has_image = bool(req.image) or bool(req.image_key)
+    if req.workflow in NEEDS_IMAGE and not has_image:
+        raise InputError(f"{WORKFLOW_NAMES[req.workflow]} needs an input image (`image` or `image_key`)")
+    if req.workflow == jobs_pb2.WORKFLOW_GENERATE and has_image:
+        raise InputError("generate takes no input image (use edit to change an image)")
+    if req.image and req.image_key:
+        raise InputError("set `image` or `image_key`, not both")
+    if req.workflow == jobs_pb2.WORKFLOW_UNDERSTAND and req.HasField("image_params"):
+        raise InputError("image_params: understand produces text; use text_params")
+
+
+def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
+             cfg: BagelConfig = DEFAULT_CONFIG) -> JobPlan:
+    """The workflow's arguments; raises InputError (or ImageError) naming the bad field."""
+    check_request(req)
+    image = load_image(image_bytes) if image_bytes is not None else None
+    name = WORKFLOW_NAMES[req.workflow]
+    if name == "understand":
+        budget = THINK_TOKENS if req.think else ANSWER_TOKENS
+        return JobPlan(name, req.prompt, image, text_params=convert.text_params(req.text_params, budget),
+                       think=req.think)
+    msg = llm_pb2.ImageParams()
+    msg.CopyFrom(req.image_params)
+    if msg.preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
+        msg.preset = llm_pb2.IMAGE_PRESET_EDIT if name == "edit" else llm_pb2.IMAGE_PRESET_GENERATE
+    if name == "edit":
+        if image is None:
+            raise InputError("edit needs an input image")
+        w, h = vae_resize(image).size
+        for field, size in (("width", w), ("height", h)):
+            if msg.HasField(field) and getattr(msg, field) != size:
+                raise InputError(f"image_params.{field}: an edit's output has the input's size after the VAE "
+                                 f"resize ({w}x{h}); leave it unset")
+        msg.width, msg.height = w, h
+    if msg.noise.WhichOneof("source") is not None:
+        raise InputError("image_params.noise: not taken by the job API (use a seed, or call the LLM service)")
+    params = convert.image_params(msg, [], cfg)
+    think_params = convert.text_params(req.text_params, THINK_TOKENS) if req.think else None
+    return JobPlan(name, req.prompt, image, image_params=params, text_params=think_params, think=req.think)

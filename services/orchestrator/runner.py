@@ -1,0 +1,219 @@
+"""What a Celery worker does with one job: claim it, run its workflow through the model services, record
+the outcome. Kept apart from the Celery wiring (celery_app.py) so the rules read in one place:
+
+- One worker at a time per job: a lease in Redis, renewed while the job runs. A second delivery of the
+  same message (the broker redelivers unacknowledged messages after the visibility timeout) finds the
+  lease held and looks again once it would have lapsed; a dead worker's lease lapses, and the next
+  delivery takes the job over.
+- Every failure ends the job with a status code, except transient ones (a model service restarting,
+  storage unreachable), which put it back in the queue up to `max_retries` times with backoff.
+- Cancellation asked through the gateway is seen within half a second and stops the workflow at its
+  next step (the LLM stream is cancelled, freeing its KV blocks at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+
+import grpc
+import numpy as np
+import torch
+
+from services.common.images import ImageError
+from services.common.storage import BadObjectKey, ObjectNotFound, ObjectStore, StorageConfig, StorageError
+from services.common.protos import jobs_pb2
+from services.llm.engine import Cancelled, Controls, InputError, Progress
+from services.orchestrator import workflows as wf
+from services.orchestrator.jobs import JobNotFound, JobStore, is_terminal
+from services.orchestrator.plan import JobPlan, plan_job
+from services.orchestrator.remote import remote_clients
+from services.orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger("bagel.worker")
+
+# Worth another attempt: the service may be restarting, overloaded, or briefly unreachable.
+TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+PROGRESS_INTERVAL_S = 0.2  # at most this often per job, besides stage changes and the last step
+
+
+class Transient(RuntimeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Outcome:
+    retry_in: float | None = None  # seconds until the task should run again; None: done with it
+
+
+class Runtime:
+    """A worker process's connections, made on first use."""
+
+    def __init__(self, settings: OrchestratorSettings, storage: StorageConfig | None = None):
+        self.settings = settings
+        self._storage = storage
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore.from_url(self.settings.redis_url, ttl_seconds=self.settings.job_ttl_s)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        cfg = self._storage or StorageConfig.from_env()
+        if cfg is None:
+            raise RuntimeError("the orchestrator needs object storage: set BAGEL_S3_ENDPOINT and its credentials")
+        return ObjectStore(cfg)
+
+
+def execute(job_id: str, rt: Runtime) -> Outcome:
+    jobs, s = rt.jobs, rt.settings
+    try:
+        job = jobs.get(job_id)
+    except JobNotFound:
+        log.warning("job record gone; dropping its message", extra={"job_id": job_id})
+        return Outcome()
+    if is_terminal(job):
+        return Outcome()  # a redelivery of a finished job
+    worker = f"{uuid.uuid4().hex[:12]}"
+    if not jobs.acquire_lease(job_id, worker, s.lease_s):
+        return Outcome(retry_in=s.lease_s)  # another worker runs it; look again when its lease would lapse
+    watcher = Watcher(jobs, job_id, worker, s.lease_s)
+    try:
+        job = jobs.start(job_id)
+        if job is None:
+            return Outcome()
+        watcher.start()
+        log.info("job started", extra={"job_id": job_id, "attempt": job.attempts})
+        result = run(job_id, rt, watcher.controls)
+        jobs.succeed(job_id, result)
+        log.info("job succeeded", extra={"job_id": job_id})
+        return Outcome()
+    except Transient as e:
+        if job.attempts <= s.max_retries:
+            delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
+            jobs.requeue(job_id, f"{e.code}: {e}")
+            log.warning("job retried", extra={"job_id": job_id, "code": e.code, "in_s": delay})
+            return Outcome(retry_in=delay)
+        jobs.fail(job_id, e.code, f"{e} (after {job.attempts} attempts)")
+    except Cancelled:
+        jobs.fail(job_id, "CANCELLED", "cancelled")
+    except (InputError, ImageError, BadObjectKey) as e:
+        jobs.fail(job_id, "INVALID_ARGUMENT", str(e))
+    except ObjectNotFound as e:
+        jobs.fail(job_id, "NOT_FOUND", str(e))
+    except grpc.RpcError as e:
+        jobs.fail(job_id, e.code().name, e.details() or e.code().name)
+    except Exception as e:  # noqa: BLE001 - a job must end, whatever broke
+        log.exception("job failed", extra={"job_id": job_id})
+        jobs.fail(job_id, "INTERNAL", f"{type(e).__name__}: {e}")
+    finally:
+        watcher.stop()
+        jobs.release_lease(job_id, worker)
+    return Outcome()
+
+
+def run(job_id: str, rt: Runtime, controls: Controls) -> jobs_pb2.JobResult:
+    """Run the job's workflow; transient service and storage failures become Transient."""
+    s = rt.settings
+    req = rt.jobs.request(job_id)
+    try:
+        image = rt.store.get_bytes(req.image_key) if req.image_key else None
+        plan = plan_job(req, image)
+        clients = remote_clients(s.vit_addr, s.vae_addr, s.llm_addr, store=rt.store, token=s.auth_token,
+                                 timeout=s.call_timeout_s, job_id=job_id)
+        try:
+            return _run_plan(plan, clients, controls, rt.store, job_id)
+        finally:
+            clients.close()
+    except grpc.RpcError as e:
+        if e.code() in TRANSIENT_CODES:
+            raise Transient(e.code().name, e.details() or e.code().name) from None
+        raise
+    except ObjectNotFound:
+        raise
+    except StorageError as e:
+        raise Transient("UNAVAILABLE", str(e)) from None
+
+
+def _run_plan(plan: JobPlan, clients, controls: Controls, store: ObjectStore, job_id: str) -> jobs_pb2.JobResult:
+    if plan.workflow == "understand":
+        out = wf.understand(clients, plan.image, plan.prompt, plan.text_params, plan.think, controls)
+        return jobs_pb2.JobResult(text=out.text, think=out.think or "", tokens=out.tokens)
+    clients.vae = _ReportingVAE(clients.vae, controls)
+    if plan.workflow == "generate":
+        out = wf.generate(clients, plan.prompt, plan.image_params, plan.think, plan.text_params, controls)
+    else:
+        out = wf.edit(clients, plan.image, plan.prompt, plan.image_params, plan.think, plan.text_params, controls)
+    controls.check()
+    key = f"jobs/{job_id}/output.png"
+    store.put_png(key, out.pixels)
+    h, w = out.pixels.shape[:2]
+    result = jobs_pb2.JobResult(image_key=key, width=w, height=h, think=out.think or "")
+    if out.seed is not None:
+        result.seed = out.seed
+    return result
+
+
+class _ReportingVAE:
+    """Reports the decode stage, and checks for cancellation before the (long) decode starts."""
+
+    def __init__(self, inner, controls: Controls):
+        self.inner, self.controls = inner, controls
+
+    def encode(self, image):
+        return self.inner.encode(image)
+
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        self.controls.check()
+        self.controls.report(Progress("decode", 0, 1))
+        return self.inner.decode(latent)
+
+
+class Watcher:
+    """While a job runs: renews its lease, turns a cancellation request into controls.cancel, and writes
+    progress to the job record (throttled)."""
+
+    def __init__(self, jobs: JobStore, job_id: str, worker: str, lease_s: float):
+        self.jobs, self.job_id, self.worker, self.lease_s = jobs, job_id, worker, lease_s
+        self.controls = Controls(on_progress=self._progress)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"watch-{job_id[:8]}", daemon=True)
+        self._last: tuple[str, float] = ("", 0.0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        renew_every, last_renew = self.lease_s / 3, time.monotonic()
+        while not self._stop.wait(min(0.5, renew_every)):
+            try:
+                if self.jobs.cancel_requested(self.job_id):
+                    self.controls.cancel.set()
+                if time.monotonic() - last_renew >= renew_every:
+                    if not self.jobs.renew_lease(self.job_id, self.worker, self.lease_s):
+                        log.warning("job lease lost", extra={"job_id": self.job_id})
+                    last_renew = time.monotonic()
+            except Exception:  # noqa: BLE001 - Redis blips must not kill the job; the next round retries
+                log.warning("job watcher round failed", exc_info=True, extra={"job_id": self.job_id})
+
+    def _progress(self, p: Progress) -> None:
+        now = time.monotonic()
+        stage, at = self._last
+        if p.stage == stage and now - at < PROGRESS_INTERVAL_S and p.step < p.total:
+            return
+        self._last = (p.stage, now)
+        try:
+            self.jobs.progress(self.job_id, p.stage, p.step, p.total)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.warning("progress not recorded", exc_info=True, extra={"job_id": self.job_id})

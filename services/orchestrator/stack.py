@@ -1,0 +1,146 @@
+"""The whole system on one machine, as separate processes on free ports of 127.0.0.1: Redis, an
+S3-compatible server, the ViT / VAE / LLM gRPC servers, a Celery worker and the gateway: the same
+processes and wiring as the Kubernetes deployment (deploy/k8s/), for the demo and for trying the API.
+
+    with LocalStack(workdir) as stack:        # or: bagel-serve stack
+        stack.http_url, stack.grpc_address    # the gateway's job API
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.redis_local import LocalRedis, start_local_redis
+from services.common.s3_local import LocalS3, free_port, start_local_s3
+
+log = logging.getLogger("bagel.stack")
+MODEL_SERVERS = ("vit", "vae", "llm")
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start; the message names it and ends with its log."""
+
+
+class LocalStack:
+    def __init__(self, workdir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+                 worker_concurrency: int = 2, auth_token: str | None = None, bucket: str = "bagel",
+                 start_timeout: float = 180.0):
+        self.workdir = Path(workdir)
+        self.checkpoint, self.device, self.bucket = checkpoint, device, bucket
+        self.worker_concurrency, self.auth_token, self.start_timeout = worker_concurrency, auth_token, start_timeout
+        self.redis: LocalRedis | None = None
+        self.s3: LocalS3 | None = None
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
+        self.env: dict[str, str] = {}
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    def start(self) -> "LocalStack":
+        from services.common.defaults import default_checkpoint_dir
+
+        try:
+            # Made once here, not by three servers racing to create the embedded default.
+            self.checkpoint = str(self.checkpoint or default_checkpoint_dir())
+            (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+            self.redis = start_local_redis(self.workdir / "redis")
+            self.s3 = start_local_s3(self.workdir / "s3", buckets=(self.bucket,))
+            cfg = self.s3.config(self.bucket)
+            self.ports = {name: free_port() for name in (*MODEL_SERVERS, "http", "grpc")}
+            self.env = {**os.environ, "BAGEL_REDIS_URL": self.redis.url, "BAGEL_S3_ENDPOINT": cfg.endpoint,
+                        "BAGEL_S3_ACCESS_KEY": cfg.access_key, "BAGEL_S3_SECRET_KEY": cfg.secret_key,
+                        "BAGEL_S3_BUCKET": self.bucket, "BAGEL_S3_SECURE": "0",
+                        **{f"BAGEL_{n.upper()}_ADDR": f"127.0.0.1:{self.ports[n]}" for n in MODEL_SERVERS}}
+            if self.auth_token:
+                self.env["BAGEL_AUTH_TOKEN"] = self.auth_token
+            for name in MODEL_SERVERS:
+                self._spawn(name, "serve", name, "--host", "127.0.0.1", "--port", str(self.ports[name]),
+                            "--checkpoint", self.checkpoint, "--device", self.device, "--drain-seconds", "0",
+                            "--grace-seconds", "5")
+            self._spawn("worker", "worker", "--concurrency", str(self.worker_concurrency))
+            self._spawn("gateway", "gateway", "--host", "127.0.0.1", "--http-port", str(self.ports["http"]),
+                        "--grpc-port", str(self.ports["grpc"]))
+            deadline = time.monotonic() + self.start_timeout
+            for name in MODEL_SERVERS:
+                self._wait(name, deadline, lambda n=name: _grpc_serving(f"127.0.0.1:{self.ports[n]}"))
+            self._wait("gateway", deadline, lambda: _http_ok(self.http_url + "/readyz"))
+        except BaseException:
+            self.stop()
+            raise
+        log.info("stack up", extra={"http": self.http_url, "grpc": self.grpc_address})
+        return self
+
+    def _spawn(self, name: str, *args: str) -> None:
+        out = open(self.workdir / "logs" / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env,
+                                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        out.close()  # the child holds its own descriptor
+
+    def _wait(self, name: str, deadline: float, ready) -> None:
+        proc = self.processes[name]
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with code {proc.returncode}" if proc.poll() is not None else "timed out"
+                raise StackError(f"{name} did not become ready ({why}): {self.log_tail(name)}")
+            time.sleep(0.2)
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        try:
+            return (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Gateway and worker first (no new work), then the model servers, then Redis and S3."""
+        for name in ("gateway", "worker", *MODEL_SERVERS):
+            proc = self.processes.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for server in (self.redis, self.s3):
+            if server is not None:
+                server.stop()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _grpc_serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
