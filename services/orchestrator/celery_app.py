@@ -26,7 +26,10 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
         task_reject_on_worker_lost=True,     # a pool child killed mid-job puts the message back
         task_ignore_result=True,             # results live in the job record
         worker_prefetch_multiplier=1,        # a worker never sits on jobs another could start
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Scan for messages of dead workers every few seconds (kombu's default is every ~100 s).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+                                  "unacked_restore_throttle": 1},
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -34,7 +37,7 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
     )
     app.bagel_runtime = runtime or Runtime(settings)
 
-    @app.task(name=TASK, bind=True, max_retries=None)
+    @app.task(name=TASK, bind=True, max_retries=None, shared=False)  # not added to apps made later
     def run_job(self, job_id: str) -> None:
         outcome = execute(job_id, self.app.bagel_runtime)
         if outcome.retry_in is not None:

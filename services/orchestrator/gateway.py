@@ -212,7 +212,10 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
             return JSONResponse({"code": "INVALID_ARGUMENT",
                                  "message": f"request body of {length} bytes; the limit is {MAX_BODY_BYTES}"},
                                 status_code=413)
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error with its status
+            response = _error_json(exc)
         if requests_total is not None:
             route = request.scope.get("route")
             requests_total.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
@@ -221,14 +224,6 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         return JSONResponse({"code": "INVALID_ARGUMENT", "message": f"bad request: {exc.errors()}"}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def errors(request: Request, exc: Exception):
-        code = status_for(exc)
-        message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error"
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("http request failed", exc_info=exc)
-        return JSONResponse({"code": code.name, "message": message}, status_code=HTTP_CODES.get(code, 500))
 
     @app.post("/v1/jobs")
     def submit(body: dict, wait: str | None = None):
@@ -263,6 +258,15 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
                             status_code=200 if why is None else 503)
 
     return app
+
+
+def _error_json(exc: Exception) -> JSONResponse:
+    """The gRPC status table decides (services/common/rpc/errors.py); unexpected errors say nothing more."""
+    code = status_for(exc)
+    message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error"
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("http request failed", exc_info=exc)
+    return JSONResponse({"code": code.name, "message": message}, status_code=HTTP_CODES.get(code, 500))
 
 
 def _parse_submit(body: dict) -> jobs_pb2.SubmitJobRequest:

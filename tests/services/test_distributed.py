@@ -12,22 +12,10 @@ import pytest
 import torch
 
 from services.common.images import vae_resize
-from services.common.rpc import ServerOptions
-from services.llm import server as llm_server_module
 from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
 from services.orchestrator import workflows as wf
 from services.orchestrator.remote import RemoteViTImageItem, remote_clients
 from service_helpers import noise_image
-
-
-@pytest.fixture(scope="module")
-def llm_server(tiny_ckpt, store):
-    server = llm_server_module.build_server(ServerOptions(host="127.0.0.1", port=0, drain_seconds=0.0,
-                                                          grace_seconds=2.0), tiny_ckpt.config, store)
-    server.start()
-    server.load(lambda: llm_server_module.load_engine(tiny_ckpt, kv_cache_tokens=16384))
-    yield server
-    server.stop(grace=0, drain_seconds=0)
 
 
 @pytest.fixture(scope="module")

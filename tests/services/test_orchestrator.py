@@ -1,0 +1,364 @@
+"""The orchestrator end to end with real components: a real redis-server (broker, backend, job records),
+the local S3 server through `minio`, the three real gRPC model servers, a real Celery worker consuming
+from Redis, and the gateway on real HTTP and gRPC ports. Results are compared with the same workflows
+run in-process (tests/conftest.py's `clients`) on the same tiny checkpoint and seeds."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from celery.contrib.testing.worker import start_worker
+
+from services.common.protos import jobs_pb2, jobs_pb2_grpc
+from services.llm.engine import ImageParams, TextParams
+from services.orchestrator import gateway as gateway_module
+from services.orchestrator import workflows as wf
+from services.orchestrator.celery_app import make_app
+from services.orchestrator.gateway import GatewayProcess, build_gateway
+from services.orchestrator.jobs import JobStore
+from services.orchestrator.runner import Runtime, execute
+from services.orchestrator.settings import QUEUE, OrchestratorSettings
+from service_helpers import decode_png, expect_status, noise_image, png_bytes
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING,
+                                                 jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED,
+                                                 jobs_pb2.JOB_STATE_CANCELLED)
+
+
+def settings_for(redis_server, vit, vae, llm_address, **overrides) -> OrchestratorSettings:
+    base = dict(redis_url=redis_server.url, vit_addr=vit.address, vae_addr=vae.address, llm_addr=llm_address,
+                lease_s=2, visibility_timeout_s=4, retry_backoff_s=0.2, max_retries=2, call_timeout_s=120)
+    return OrchestratorSettings(**{**base, **overrides})
+
+
+class Orchestrator:
+    """A Celery app + worker thread pool + gateway on one settings object."""
+
+    def __init__(self, settings: OrchestratorSettings, store, worker: bool = True, auth_token: str | None = None):
+        self.settings = settings
+        self.app = make_app(settings, Runtime(settings, storage=store.cfg))
+        self._worker = start_worker(self.app, pool="threads", concurrency=2, perform_ping_check=False,
+                                    shutdown_timeout=30) if worker else None
+        if self._worker is not None:
+            self._worker.__enter__()
+        self.gateway = build_gateway(settings, storage=store.cfg, celery=self.app)
+        self.proc = GatewayProcess(self.gateway, host="127.0.0.1", http_port=0, grpc_port=0, auth_token=auth_token)
+        self.proc.start()
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.proc.http_port}", timeout=120)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proc.grpc_port}")
+        self.stub = jobs_pb2_grpc.JobServiceStub(self.channel)
+
+    @property
+    def jobs(self) -> JobStore:
+        return self.gateway.jobs
+
+    def close(self) -> None:
+        self.http.close()
+        self.channel.close()
+        self.proc.stop()
+        if self._worker is not None:
+            self._worker.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def orch(redis_server, vit_server, vae_server, llm_server, store):
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}"), store)
+    yield o
+    o.close()
+
+
+def wait_job(o: Orchestrator, job_id: str, predicate, timeout: float = 60.0) -> jobs_pb2.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = o.jobs.get(job_id)
+        if predicate(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck: {job}"
+        time.sleep(0.05)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def job_keys(o: Orchestrator) -> set[bytes]:
+    return {k for k in o.jobs.r.scan_iter("bagel:job:*") if not k.endswith((b":events", b":lease"))}
+
+
+# ---- the three workflows ---------------------------------------------------------------------------
+def test_http_text_to_image_equals_in_process(orch, clients):
+    body = {"workflow": "generate", "prompt": "a red boat on a lake",
+            "image_params": {"width": 64, "height": 48, "num_timesteps": 4, "seed": 21}}
+    r = orch.http.post("/v1/jobs", params={"wait": 60}, json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["state"] == "JOB_STATE_SUCCEEDED" and job["attempts"] == 1
+    assert (job["result"]["width"], job["result"]["height"], job["result"]["seed"]) == (64, 48, "21")
+    png = orch.http.get(f"/v1/jobs/{job['id']}/image")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    want = wf.generate(clients, "a red boat on a lake", ImageParams(width=64, height=48, num_timesteps=4, seed=21))
+    assert np.array_equal(decode_png(png.content), want.pixels)
+
+
+def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients):
+    image = noise_image(24, 24, seed=9)  # the VAE resize makes it 512x512
+    updates = list(orch.stub.Run(jobs_pb2.SubmitJobRequest(
+        workflow=jobs_pb2.WORKFLOW_EDIT, image=png_bytes(image), prompt="make it blue",
+        image_params={"num_timesteps": 3, "seed": 4}, inline_image=True), timeout=120))
+    states = [u.state for u in updates]
+    assert states[0] == QUEUED and states[-1] == SUCCEEDED and RUNNING in states
+    denoise = [u.progress.step for u in updates if u.progress.stage == "denoise"]
+    assert denoise and denoise == sorted(denoise) and max(denoise) == 2  # 3 timesteps = 2 model steps
+    final = updates[-1]
+    want = wf.edit(clients, image, "make it blue", wf.edit_params(image, num_timesteps=3, seed=4))
+    assert (final.result.width, final.result.height) == (512, 512)
+    assert np.array_equal(decode_png(final.result.image_png), want.pixels)
+
+
+def test_grpc_submit_then_watch_an_understanding_job(orch, clients):
+    image = noise_image(24, 24, seed=3)
+    job = orch.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_UNDERSTAND, image=png_bytes(image),
+                                                     prompt="what is this?", think=True,
+                                                     text_params={"max_new_tokens": 5}))
+    assert job.state == QUEUED and job.id
+    final = list(orch.stub.Watch(jobs_pb2.GetJobRequest(id=job.id), timeout=60))[-1]
+    want = wf.understand(clients, image, "what is this?", TextParams(max_new_tokens=5), think=True)
+    assert final.state == SUCCEEDED
+    assert (final.result.text, final.result.think, final.result.tokens) == (want.text, want.think or "", want.tokens)
+    assert orch.stub.Get(jobs_pb2.GetJobRequest(id=job.id)) == final
+
+
+def test_an_image_already_in_the_bucket_is_taken_by_key(orch, store, clients):
+    image = noise_image(20, 30, seed=5)
+    store.put_bytes("uploads/cat.png", png_bytes(image))
+    job = orch.http.post("/v1/jobs", params={"wait": 60}, json={
+        "workflow": "understand", "image_key": "uploads/cat.png", "prompt": "describe",
+        "text_params": {"max_new_tokens": 3}}).json()
+    want = wf.understand(clients, image, "describe", TextParams(max_new_tokens=3))
+    assert job["state"] == "JOB_STATE_SUCCEEDED" and job["result"]["text"] == want.text
+
+
+# ---- refusals: nothing accepted, a clear code ---------------------------------------------------------
+def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
+    before = job_keys(orch)
+    ok_image = b64(png_bytes(noise_image(16, 16)))
+    cases = [
+        ({"workflow": "edit", "image": b64(b"not an image"), "prompt": "x"}, 400, "cannot"),
+        ({"workflow": "generate", "prompt": "x", "image_params": {"width": 1000}}, 400, "multiple of 16"),
+        ({"workflow": "generate", "prompt": "x", "image_params": {"num_timesteps": 1}}, 400, "num_timesteps"),
+        ({"workflow": "generate", "prompt": "x", "image_params": {"cfg_interval_lo": 0.9, "cfg_interval_hi": 0.1}},
+         400, "cfg_interval"),
+        ({"workflow": "understand", "image": ok_image, "prompt": "x", "text_params": {"top_p": 2}}, 400, "top_p"),
+        ({"workflow": "edit", "image": ok_image, "prompt": "x", "image_params": {"width": 64}}, 400, "leave it unset"),
+        ({"workflow": "understand", "prompt": "x"}, 400, "needs an input image"),
+        ({"workflow": "generate", "prompt": "  "}, 400, "prompt"),
+        ({"workflow": "generate", "prompt": "x" * 70000}, 400, "limit"),
+        ({"workflow": "paint", "prompt": "x"}, 400, "bad request body"),
+        ({"workflow": "generate", "prompt": "x", "colour": "red"}, 400, "colour"),
+        ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "missing.png"),
+        ({"workflow": "edit", "image_key": "../etc/passwd", "prompt": "x"}, 400, "key"),
+    ]
+    for body, status, message in cases:
+        r = orch.http.post("/v1/jobs", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert message in r.json()["message"], (body, r.text)
+    assert orch.http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+                          ).status_code == 400
+    assert orch.http.post("/v1/jobs", params={"wait": -1}, json={"workflow": "generate", "prompt": "x"}
+                          ).status_code == 400
+    monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES", 1000)
+    r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "image": "A" * 2000})
+    assert r.status_code == 413
+    err = expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.Submit,
+                        jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_EDIT, image=b"\x89PNG broken", prompt="x"))
+    assert "image" in err.details()
+    assert job_keys(orch) == before  # nothing was accepted
+
+
+def test_unknown_jobs_are_not_found(orch):
+    for path in ("/v1/jobs/0123abcd", "/v1/jobs/0123abcd/image", "/v1/jobs/not-a-hex-id!"):
+        r = orch.http.get(path)
+        assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND", path
+    assert orch.http.post("/v1/jobs/0123abcd/cancel").status_code == 404
+    for call in (orch.stub.Get, orch.stub.Cancel):
+        expect_status(grpc.StatusCode.NOT_FOUND, call, jobs_pb2.GetJobRequest(id="0123abcd"))
+    expect_status(grpc.StatusCode.NOT_FOUND, lambda r: list(orch.stub.Watch(r)), jobs_pb2.GetJobRequest(id="ab"))
+
+
+def test_an_understanding_job_has_no_image(orch):
+    job = orch.http.post("/v1/jobs", params={"wait": 60}, json={
+        "workflow": "understand", "image": b64(png_bytes(noise_image(16, 16))), "prompt": "x",
+        "text_params": {"max_new_tokens": 2}}).json()
+    r = orch.http.get(f"/v1/jobs/{job['id']}/image")
+    assert r.status_code == 409 and "answers text" in r.json()["message"]
+
+
+# ---- delivery guarantees ---------------------------------------------------------------------------
+def test_the_same_idempotency_key_gives_the_same_job(orch):
+    body = {"workflow": "generate", "prompt": "once", "idempotency_key": "client-42-try",
+            "image_params": {"width": 32, "height": 32, "num_timesteps": 2, "seed": 1}}
+    first = orch.http.post("/v1/jobs", json=body).json()
+    second = orch.http.post("/v1/jobs", json=body).json()
+    assert first["id"] == second["id"]
+    done = orch.http.get(f"/v1/jobs/{first['id']}", params={"wait": 60}).json()
+    assert done["state"] == "JOB_STATE_SUCCEEDED" and done["attempts"] == 1  # ran once
+
+
+def test_cancelling_a_running_job_stops_it_and_frees_the_llm(orch, llm_server):
+    job = orch.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="slow",
+                                                     image_params={"width": 512, "height": 512,
+                                                                   "num_timesteps": 400, "seed": 2}))
+    wait_job(orch, job.id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 1)
+    assert orch.stub.Cancel(jobs_pb2.GetJobRequest(id=job.id)).state == RUNNING  # asked; stops at a step
+    final = wait_job(orch, job.id, lambda j: j.state in (CANCELLED, SUCCEEDED, FAILED), timeout=30)
+    assert final.state == CANCELLED and final.error.code == "CANCELLED"
+    assert final.progress.step < 399 if final.progress.stage == "denoise" else True
+    engine = llm_server.slot.peek()
+    deadline = time.monotonic() + 10
+    while engine.cache.blocks_in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.cache.blocks_in_use == 0
+
+
+def test_a_queued_job_cancelled_never_runs(orch, redis_server):
+    store_only = JobStore.from_url(redis_server.url)
+    created = store_only.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x"))
+    assert store_only.request_cancel(created.job.id).state == CANCELLED
+    assert execute(created.job.id, orch.app.bagel_runtime).retry_in is None  # a late delivery does nothing
+    assert store_only.get(created.job.id).attempts == 0
+
+
+def test_a_model_service_that_comes_back_is_retried_not_lost(redis_server, vit_server, vae_server, store,
+                                                             tiny_ckpt):
+    from services.common.rpc import ServerOptions
+    from services.common.s3_local import free_port
+    from services.llm import server as llm_server_module
+
+    port = free_port()
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{port}", max_retries=20), store)
+    late = None
+    try:
+        job = o.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="patience",
+                                                      image_params={"width": 32, "height": 32, "num_timesteps": 2}))
+        queued_again = wait_job(o, job.id, lambda j: j.attempts >= 2 and j.state == QUEUED)
+        assert queued_again.error.code == "UNAVAILABLE"  # the reason is visible while it waits
+        late = llm_server_module.build_server(ServerOptions(host="127.0.0.1", port=port, drain_seconds=0.0),
+                                              tiny_ckpt.config, store)
+        late.start()
+        late.load(lambda: llm_server_module.load_engine(tiny_ckpt, kv_cache_tokens=4096))
+        final = wait_job(o, job.id, lambda j: j.state in (SUCCEEDED, FAILED), timeout=90)
+        assert final.state == SUCCEEDED and final.attempts >= 2 and not final.HasField("error")
+    finally:
+        o.close()
+        if late is not None:
+            late.stop(grace=0, drain_seconds=0)
+
+
+def test_retries_run_out_into_a_failed_job(redis_server, vit_server, vae_server, store):
+    from services.common.s3_local import free_port
+
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{free_port()}", max_retries=1),
+                     store)
+    try:
+        job = o.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "nobody home",
+                                            "image_params": {"width": 32, "height": 32, "num_timesteps": 2}}).json()
+        final = o.http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+        assert final["state"] == "JOB_STATE_FAILED" and final["error"]["code"] == "UNAVAILABLE"
+        assert final["attempts"] == 2 and "after 2 attempts" in final["error"]["message"]
+    finally:
+        o.close()
+
+
+# ---- the gateway's own limits ------------------------------------------------------------------------
+def test_auth_token_is_required_on_both_fronts(redis_server, vit_server, vae_server, llm_server, store):
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}"), store,
+                     worker=False, auth_token="s3cret")
+    try:
+        body = {"workflow": "generate", "prompt": "x"}
+        assert o.http.post("/v1/jobs", json=body).status_code == 401
+        assert o.http.post("/v1/jobs", json=body, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert o.http.get("/healthz").status_code == 200  # probes need no token
+        r = o.http.get("/v1/jobs/0123abcd", headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 404  # through auth, then not found
+        expect_status(grpc.StatusCode.UNAUTHENTICATED, o.stub.Get, jobs_pb2.GetJobRequest(id="0123abcd"))
+        expect_status(grpc.StatusCode.NOT_FOUND, o.stub.Get, jobs_pb2.GetJobRequest(id="0123abcd"),
+                      metadata=(("authorization", "Bearer s3cret"),))
+    finally:
+        o.close()
+
+
+def test_a_full_queue_refuses_new_jobs(redis_server, vit_server, vae_server, llm_server, store):
+    # Its own Redis database and no worker: queued jobs stay queued.
+    s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                     redis_url=redis_server.url[:-1] + "3", max_queued=2)
+    o = Orchestrator(s, store, worker=False)
+    try:
+        body = {"workflow": "generate", "prompt": "x", "image_params": {"width": 32, "height": 32}}
+        assert [o.http.post("/v1/jobs", json=body).status_code for _ in range(3)] == [202, 202, 429]
+        assert o.jobs.r.llen(QUEUE) == 2
+        expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, o.stub.Submit,
+                      jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x"))
+    finally:
+        o.jobs.r.flushdb()
+        o.close()
+
+
+def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_server, store):
+    from services.common.s3_local import free_port
+
+    dead = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                        redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    o = Orchestrator(dead, store, worker=False)
+    try:
+        assert o.http.get("/healthz").status_code == 200
+        r = o.http.get("/readyz")
+        assert r.status_code == 503 and "redis" in r.json()["reason"]
+        r = o.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "x"})
+        assert r.status_code == 503 and r.json()["code"] == "UNAVAILABLE"
+    finally:
+        o.close()
+
+
+def test_a_job_whose_worker_dies_is_taken_over(redis_server, vit_server, vae_server, llm_server, store, clients,
+                                               tmp_path):
+    """A worker process killed (SIGKILL) mid-job: the job's message is redelivered after the visibility
+    timeout, the dead worker's lease lapses, and another worker runs the job to the same result."""
+    s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                     redis_url=redis_server.url[:-1] + "5")
+    cfg = store.cfg
+    env = {**os.environ, "BAGEL_REDIS_URL": s.redis_url, "BAGEL_VIT_ADDR": s.vit_addr, "BAGEL_VAE_ADDR": s.vae_addr,
+           "BAGEL_LLM_ADDR": s.llm_addr, "BAGEL_S3_ENDPOINT": cfg.endpoint, "BAGEL_S3_ACCESS_KEY": cfg.access_key,
+           "BAGEL_S3_SECRET_KEY": cfg.secret_key, "BAGEL_S3_BUCKET": cfg.bucket, "BAGEL_S3_SECURE": "0",
+           "BAGEL_JOB_LEASE_SECONDS": str(s.lease_s), "BAGEL_JOB_VISIBILITY_TIMEOUT": str(s.visibility_timeout_s)}
+    log = open(tmp_path / "worker.log", "wb")
+    doomed = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--concurrency", "1"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    o = Orchestrator(s, store, worker=False)
+    try:
+        params = {"width": 256, "height": 256, "num_timesteps": 40, "seed": 77}
+        job = o.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="survive",
+                                                      image_params=params))
+        wait_job(o, job.id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 2, timeout=90)
+        doomed.kill()
+        doomed.wait()
+        assert o.jobs.get(job.id).state == RUNNING  # as the dead worker left it
+        with start_worker(o.app, pool="threads", concurrency=1, perform_ping_check=False, shutdown_timeout=30):
+            final = wait_job(o, job.id, lambda j: j.state in (SUCCEEDED, FAILED, CANCELLED), timeout=120)
+        assert final.state == SUCCEEDED and final.attempts == 2
+        want = wf.generate(clients, "survive", ImageParams(**params))
+        got = o.http.get(f"/v1/jobs/{job.id}/image").content
+        assert np.array_equal(decode_png(got), want.pixels)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+        log.close()
+        o.jobs.r.flushdb()
+        o.close()
