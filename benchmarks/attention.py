@@ -13,8 +13,10 @@ Backends per case:
              skipped when flash_attn is not importable
 
 FLOPs: 4 * sum_seqs(q_len * k_len_effective) * Hq * D, the new block counted half when causal
-(services.llm.kernels.paged_prefill.prefill_flops). Decode also reports GB/s: every cached K and V
-byte read once. Before timing each case the Triton output is checked against sdpa (max abs error).
+(services.llm.kernels.paged_prefill.prefill_flops). The ViT case counts its real D = 72, not the
+kernel's 64 + 16 dot columns (services.llm.kernels.varlen.split_head_dim), so its TFLOP/s compare
+directly with SDPA's. Decode also reports GB/s: every cached K and V byte read once. Before timing
+each case the Triton output is checked against sdpa (max abs error).
 
 Timing: the 'ms' column is triton.testing.do_bench (median, L2 flushed before each call) of the whole
 backend call, Python included: at decode sizes that is mostly host overhead. --graph adds the same

@@ -22,6 +22,7 @@ from services.llm.attention import AttentionMetadata, SDPABackend, get_backend
 from services.llm.kernels import backend as triton_backend
 from services.llm.kernels.paged_decode import choose_partition, paged_decode
 from services.llm.kernels.paged_prefill import build_tile_map, paged_prefill, prefill_flops
+from services.llm.kernels.varlen import split_head_dim, varlen_attention
 
 # The interpreter's own numpy calls warn about array-to-scalar conversion; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -205,7 +206,10 @@ def test_decode_matches_prefill_kernel():
 
 
 # ---- ViT varlen --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head_dim", [64, 72, 128])
+# Head dims by how the kernel splits them (main + tail tile): 64 / 128 no tail; 72 = 64 + 8 in a 16-wide
+# tail (SigLIP); 40 = 32 + 8; 80 = 64 + 16 (tail tile exactly full, unmasked); 96 = 64 + 32; 8 < 16: a
+# padded main tile and no tail.
+@pytest.mark.parametrize("head_dim", [8, 40, 64, 72, 80, 96, 128])
 def test_varlen_vs_sdpa(head_dim):
     g = torch.Generator().manual_seed(head_dim)
     lens = [1, 16, 17, 40]
@@ -214,6 +218,45 @@ def test_varlen_vs_sdpa(head_dim):
     scale = head_dim ** -0.5
     out = TRITON.varlen_attention(q, k, v, cu, max(lens), scale)
     assert_close(out, SDPA.varlen_attention(q, k, v, cu, max(lens), scale), what=f"varlen d={head_dim}")
+
+
+def test_varlen_head_dim_split():
+    assert split_head_dim(72) == (64, 16)   # 80 columns of dot work instead of 128
+    assert split_head_dim(40) == (32, 16)
+    assert split_head_dim(80) == (64, 16)
+    assert split_head_dim(96) == (64, 32)
+    assert split_head_dim(64)[0] == 64 and split_head_dim(128)[0] == 128  # no tail
+    assert split_head_dim(8)[0] == 16
+
+
+@pytest.mark.parametrize("head_dim, hq, hkv, block_m, block_n", [
+    (72, 4, 2, None, None), (40, 2, 2, 32, 16), (96, 2, 1, 16, 32), (80, 2, 2, 16, 16), (8, 2, 2, None, None)])
+def test_varlen_reads_and_writes_only_the_head_dim(head_dim, hq, hkv, block_m, block_n):
+    """q/k/v are views into wider NaN buffers: every head row is followed by NaN columns (where a tail or
+    a padded main tile would over-read) and the tokens by NaN rows. The output is a view into a wider
+    buffer whose extra columns must keep their sentinel (a tail store past the head dim would change
+    them). GQA and non-default blocks on some cases."""
+    g = torch.Generator().manual_seed(head_dim + hq)
+    lens = [5, 33, 16]
+    t, extra = sum(lens), 16  # extra >= the widest over-read (72: 8 columns; 8: 8 columns)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    def nan_padded(h):
+        wide = torch.full((t + 32, h, head_dim + extra), float("nan"))
+        wide[:t, :, :head_dim] = torch.randn(t, h, head_dim, generator=g)
+        return wide.to(DEVICE)[:t, :, :head_dim]
+
+    q, k, v = nan_padded(hq), nan_padded(hkv), nan_padded(hkv)
+    assert q.stride(1) == head_dim + extra
+    sentinel = 1234.5
+    out_buf = torch.full((t, hq, head_dim + extra), sentinel, device=DEVICE)
+    out = varlen_attention(q, k, v, cu, max(lens), head_dim ** -0.5, out=out_buf[..., :head_dim],
+                           block_m=block_m, block_n=block_n)
+    rep = hq // hkv
+    ref = SDPA.varlen_attention(q.contiguous(), k.repeat_interleave(rep, 1).contiguous(),
+                                v.repeat_interleave(rep, 1).contiguous(), cu, max(lens), head_dim ** -0.5)
+    assert_close(out, ref, what=f"strided varlen d={head_dim}")  # also asserts no NaN came in
+    assert (out_buf[..., head_dim:] == sentinel).all(), "store past the head dim"
 
 
 # ---- backend plumbing --------------------------------------------------------------------------------
@@ -261,11 +304,12 @@ def test_gpu_half_precision_denoise_prefill_decode(dtype):
 
 
 @gpu_only
-def test_gpu_varlen_vit_shapes_bf16():
+@pytest.mark.parametrize("head_dim", [72, 64, 96])  # SigLIP's split 64 + 8, no tail, a 32-wide tail
+def test_gpu_varlen_vit_shapes_bf16(head_dim):
     lens = [1024, 576, 4900 - 1600]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(sum(lens), 16, 72, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(sum(lens), 16, head_dim, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    out = TRITON.varlen_attention(q, k, v, cu, max(lens), 72 ** -0.5)
-    ref = SDPA.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), 72 ** -0.5)
-    assert_close(out, ref, ATOL_LP, RTOL_LP, what="vit varlen bf16")
+    out = TRITON.varlen_attention(q, k, v, cu, max(lens), head_dim ** -0.5)
+    ref = SDPA.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), head_dim ** -0.5)
+    assert_close(out, ref, ATOL_LP, RTOL_LP, what=f"vit varlen bf16 d={head_dim}")

@@ -10,10 +10,11 @@ two phases:
    per sequence, decided at run time from meta.causal_t.
 
 Scores live in the log2 domain (qk * scale * log2(e)) so the exponentials are exp2.
-Head dims that are not a power of two (72 for the ViT-sized heads) are padded to HEAD_DIM_PAD inside
-the kernel with masked loads/stores; memory is never padded.
+Head dims that are not a power of two are padded to HEAD_DIM_PAD inside the kernel with masked
+loads/stores; memory is never padded. (The LLM's head_dim is 128; the ViT's 72 goes through varlen.py,
+which splits the head dim instead of padding it.)
 
-The inner-loop helpers here are shared with paged_decode.py and varlen.py.
+The inner-loop helpers here are shared with paged_decode.py; varlen.py has its own inner loop.
 """
 
 from __future__ import annotations
