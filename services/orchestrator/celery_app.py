@@ -37,11 +37,9 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
     )
     app.bagel_runtime = runtime or Runtime(settings)
 
-    @app.task(name=TASK, bind=True, max_retries=None, shared=False)  # not added to apps made later
+    @app.task(name=TASK, bind=True, shared=False)  # shared=False: not added to apps made later
     def run_job(self, job_id: str) -> None:
-        outcome = execute(job_id, self.app.bagel_runtime)
-        if outcome.retry_in is not None:
-            raise self.retry(countdown=outcome.retry_in)
+        execute(job_id, self.app.bagel_runtime)
 
     return app
 

@@ -3,10 +3,11 @@ the outcome. Kept apart from the Celery wiring (celery_app.py) so the rules read
 
 - One worker at a time per job: a lease in Redis, renewed while the job runs. A second delivery of the
   same message (the broker redelivers unacknowledged messages after the visibility timeout) finds the
-  lease held and looks again once it would have lapsed; a dead worker's lease lapses, and the next
-  delivery takes the job over.
+  lease held and waits: for the job to end, or for the lease to lapse because its worker died, and
+  then takes the job over. Nothing goes back through a delayed message, so nothing can get lost there.
 - Every failure ends the job with a status code, except transient ones (a model service restarting,
-  storage unreachable), which put it back in the queue up to `max_retries` times with backoff.
+  storage unreachable), which show the job QUEUED again and retry it up to `max_retries` times with
+  backoff, in the same worker.
 - Cancellation asked through the gateway is seen within half a second and stops the workflow at its
   next step (the LLM stream is cancelled, freeing its KV blocks at once).
 """
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from functools import cached_property
 
 import grpc
@@ -47,11 +47,6 @@ class Transient(RuntimeError):
         self.code = code
 
 
-@dataclass
-class Outcome:
-    retry_in: float | None = None  # seconds until the task should run again; None: done with it
-
-
 class Runtime:
     """A worker process's connections, made on first use."""
 
@@ -71,36 +66,51 @@ class Runtime:
         return ObjectStore(cfg)
 
 
-def execute(job_id: str, rt: Runtime) -> Outcome:
+def execute(job_id: str, rt: Runtime) -> None:
+    """Run the job to its end (or leave it to the worker that owns it)."""
     jobs, s = rt.jobs, rt.settings
     try:
         job = jobs.get(job_id)
     except JobNotFound:
         log.warning("job record gone; dropping its message", extra={"job_id": job_id})
-        return Outcome()
+        return
     if is_terminal(job):
-        return Outcome()  # a redelivery of a finished job
+        return  # a redelivery of a finished job
     worker = f"{uuid.uuid4().hex[:12]}"
-    if not jobs.acquire_lease(job_id, worker, s.lease_s):
-        return Outcome(retry_in=s.lease_s)  # another worker runs it; look again when its lease would lapse
+    while not jobs.acquire_lease(job_id, worker, s.lease_s):
+        # Another worker runs it (a second delivery of its message): wait until the job ends, or until
+        # that worker's lease lapses because it died, and take the job over then.
+        time.sleep(min(5.0, s.lease_s / 3))
+        try:
+            if is_terminal(jobs.get(job_id)):
+                return
+        except JobNotFound:
+            return
     watcher = Watcher(jobs, job_id, worker, s.lease_s)
+    watcher.start()
     try:
-        job = jobs.start(job_id)
-        if job is None:
-            return Outcome()
-        watcher.start()
-        log.info("job started", extra={"job_id": job_id, "attempt": job.attempts})
-        result = run(job_id, rt, watcher.controls)
-        jobs.succeed(job_id, result)
-        log.info("job succeeded", extra={"job_id": job_id})
-        return Outcome()
-    except Transient as e:
-        if job.attempts <= s.max_retries:
-            delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
-            jobs.requeue(job_id, f"{e.code}: {e}")
-            log.warning("job retried", extra={"job_id": job_id, "code": e.code, "in_s": delay})
-            return Outcome(retry_in=delay)
-        jobs.fail(job_id, e.code, f"{e} (after {job.attempts} attempts)")
+        while True:
+            job = jobs.start(job_id)
+            if job is None:
+                return  # ended meanwhile (cancelled while waiting to retry, say)
+            log.info("job started", extra={"job_id": job_id, "attempt": job.attempts})
+            try:
+                result = run(job_id, rt, watcher.controls)
+            except Transient as e:
+                if job.attempts > s.max_retries:
+                    jobs.fail(job_id, e.code, f"{e} (after {job.attempts} attempts)")
+                    return
+                # Wait here, lease held and renewed, rather than through a delayed message: the job stays
+                # owned, a cancellation ends the wait, and a worker that dies meanwhile is covered by
+                # the redelivery of the unacknowledged message.
+                delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
+                jobs.requeue(job_id, f"{e.code}: {e}")
+                log.warning("job retried", extra={"job_id": job_id, "code": e.code, "in_s": delay})
+                watcher.controls.cancel.wait(delay)
+                continue
+            jobs.succeed(job_id, result)
+            log.info("job succeeded", extra={"job_id": job_id})
+            return
     except Cancelled:
         jobs.fail(job_id, "CANCELLED", "cancelled")
     except (InputError, ImageError, BadObjectKey) as e:
@@ -115,7 +125,7 @@ def execute(job_id: str, rt: Runtime) -> Outcome:
     finally:
         watcher.stop()
         jobs.release_lease(job_id, worker)
-    return Outcome()
+    return
 
 
 def run(job_id: str, rt: Runtime, controls: Controls) -> jobs_pb2.JobResult:

@@ -15,7 +15,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 
 from services.common.protos import jobs_pb2, jobs_pb2_grpc
 from services.llm.engine import ImageParams, TextParams
@@ -39,16 +38,47 @@ def settings_for(redis_server, vit, vae, llm_address, **overrides) -> Orchestrat
     return OrchestratorSettings(**{**base, **overrides})
 
 
+def worker_env(settings: OrchestratorSettings, store) -> dict[str, str]:
+    cfg = store.cfg
+    return {**os.environ, "BAGEL_REDIS_URL": settings.redis_url, "BAGEL_VIT_ADDR": settings.vit_addr,
+            "BAGEL_VAE_ADDR": settings.vae_addr, "BAGEL_LLM_ADDR": settings.llm_addr,
+            "BAGEL_S3_ENDPOINT": cfg.endpoint, "BAGEL_S3_ACCESS_KEY": cfg.access_key,
+            "BAGEL_S3_SECRET_KEY": cfg.secret_key, "BAGEL_S3_BUCKET": cfg.bucket, "BAGEL_S3_SECURE": "0",
+            "BAGEL_JOB_LEASE_SECONDS": str(settings.lease_s),
+            "BAGEL_JOB_VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
+            "BAGEL_JOB_MAX_RETRIES": str(settings.max_retries), "BAGEL_JOB_CALL_TIMEOUT": str(settings.call_timeout_s)}
+
+
+class WorkerProcess:
+    """`bagel-serve worker` as its own process, configured through the environment as in a deployment."""
+
+    def __init__(self, settings: OrchestratorSettings, store, concurrency: int = 2):
+        import tempfile
+
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--concurrency",
+                                      str(concurrency), "--log-level", "WARNING"], env=worker_env(settings, store),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 class Orchestrator:
-    """A Celery app + worker thread pool + gateway on one settings object."""
+    """A worker process + gateway (in this process, on real ports) on one settings object. The gateway's
+    Celery app also gives direct access to a runner (`app.bagel_runtime`)."""
 
     def __init__(self, settings: OrchestratorSettings, store, worker: bool = True, auth_token: str | None = None):
         self.settings = settings
         self.app = make_app(settings, Runtime(settings, storage=store.cfg))
-        self._worker = start_worker(self.app, pool="threads", concurrency=2, perform_ping_check=False,
-                                    shutdown_timeout=30) if worker else None
-        if self._worker is not None:
-            self._worker.__enter__()
+        self._worker = WorkerProcess(settings, store) if worker else None
         self.gateway = build_gateway(settings, storage=store.cfg, celery=self.app)
         self.proc = GatewayProcess(self.gateway, host="127.0.0.1", http_port=0, grpc_port=0, auth_token=auth_token)
         self.proc.start()
@@ -65,7 +95,7 @@ class Orchestrator:
         self.channel.close()
         self.proc.stop()
         if self._worker is not None:
-            self._worker.__exit__(None, None, None)
+            self._worker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +262,7 @@ def test_a_queued_job_cancelled_never_runs(orch, redis_server):
     store_only = JobStore.from_url(redis_server.url)
     created = store_only.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x"))
     assert store_only.request_cancel(created.job.id).state == CANCELLED
-    assert execute(created.job.id, orch.app.bagel_runtime).retry_in is None  # a late delivery does nothing
+    execute(created.job.id, orch.app.bagel_runtime)  # a late delivery does nothing
     assert store_only.get(created.job.id).attempts == 0
 
 
@@ -243,7 +273,9 @@ def test_a_model_service_that_comes_back_is_retried_not_lost(redis_server, vit_s
     from services.llm import server as llm_server_module
 
     port = free_port()
-    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{port}", max_retries=20), store)
+    # Each orchestrator with workers of its own gets its own Redis database (its own queue).
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{port}", max_retries=20,
+                                  redis_url=redis_server.url[:-1] + "1"), store)
     late = None
     try:
         job = o.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="patience",
@@ -265,8 +297,8 @@ def test_a_model_service_that_comes_back_is_retried_not_lost(redis_server, vit_s
 def test_retries_run_out_into_a_failed_job(redis_server, vit_server, vae_server, store):
     from services.common.s3_local import free_port
 
-    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{free_port()}", max_retries=1),
-                     store)
+    o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{free_port()}", max_retries=1,
+                                  redis_url=redis_server.url[:-1] + "2"), store)
     try:
         job = o.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "nobody home",
                                             "image_params": {"width": 32, "height": 32, "num_timesteps": 2}}).json()
@@ -327,38 +359,50 @@ def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_serve
         o.close()
 
 
-def test_a_job_whose_worker_dies_is_taken_over(redis_server, vit_server, vae_server, llm_server, store, clients,
-                                               tmp_path):
+def test_a_job_whose_worker_dies_is_taken_over(redis_server, vit_server, vae_server, llm_server, store, clients):
     """A worker process killed (SIGKILL) mid-job: the job's message is redelivered after the visibility
     timeout, the dead worker's lease lapses, and another worker runs the job to the same result."""
     s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
                      redis_url=redis_server.url[:-1] + "5")
-    cfg = store.cfg
-    env = {**os.environ, "BAGEL_REDIS_URL": s.redis_url, "BAGEL_VIT_ADDR": s.vit_addr, "BAGEL_VAE_ADDR": s.vae_addr,
-           "BAGEL_LLM_ADDR": s.llm_addr, "BAGEL_S3_ENDPOINT": cfg.endpoint, "BAGEL_S3_ACCESS_KEY": cfg.access_key,
-           "BAGEL_S3_SECRET_KEY": cfg.secret_key, "BAGEL_S3_BUCKET": cfg.bucket, "BAGEL_S3_SECURE": "0",
-           "BAGEL_JOB_LEASE_SECONDS": str(s.lease_s), "BAGEL_JOB_VISIBILITY_TIMEOUT": str(s.visibility_timeout_s)}
-    log = open(tmp_path / "worker.log", "wb")
-    doomed = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--concurrency", "1"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    doomed = WorkerProcess(s, store, concurrency=1)
     o = Orchestrator(s, store, worker=False)
+    successor = None
     try:
         params = {"width": 256, "height": 256, "num_timesteps": 40, "seed": 77}
         job = o.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="survive",
                                                       image_params=params))
         wait_job(o, job.id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 2, timeout=90)
-        doomed.kill()
-        doomed.wait()
+        doomed.stop(kill=True)  # SIGKILL: no goodbye, the message stays unacknowledged
         assert o.jobs.get(job.id).state == RUNNING  # as the dead worker left it
-        with start_worker(o.app, pool="threads", concurrency=1, perform_ping_check=False, shutdown_timeout=30):
-            final = wait_job(o, job.id, lambda j: j.state in (SUCCEEDED, FAILED, CANCELLED), timeout=120)
+        successor = WorkerProcess(s, store, concurrency=1)
+        final = wait_job(o, job.id, lambda j: j.state in (SUCCEEDED, FAILED, CANCELLED), timeout=120)
         assert final.state == SUCCEEDED and final.attempts == 2
         want = wf.generate(clients, "survive", ImageParams(**params))
         got = o.http.get(f"/v1/jobs/{job.id}/image").content
         assert np.array_equal(decode_png(got), want.pixels)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
-        log.close()
+        doomed.stop(kill=True)
+        if successor is not None:
+            successor.stop()
         o.jobs.r.flushdb()
         o.close()
+
+
+def test_a_synchronous_run_given_up_by_its_caller_is_cancelled(orch):
+    request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="too slow",
+                                        image_params={"width": 512, "height": 512, "num_timesteps": 400})
+    seen = []
+    with pytest.raises(grpc.RpcError) as info:
+        for update in orch.stub.Run(request, timeout=3):
+            seen.append(update)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seen
+    final = wait_job(orch, seen[0].id, lambda j: j.state in (CANCELLED, SUCCEEDED, FAILED), timeout=30)
+    assert final.state == CANCELLED
+    # Watching is not owning: a Watch that times out leaves its job alone.
+    job = orch.stub.Submit(request)
+    with pytest.raises(grpc.RpcError):
+        list(orch.stub.Watch(jobs_pb2.GetJobRequest(id=job.id), timeout=1))
+    time.sleep(1)
+    assert orch.jobs.get(job.id).state in (QUEUED, RUNNING)
+    orch.stub.Cancel(jobs_pb2.GetJobRequest(id=job.id))
+    wait_job(orch, job.id, lambda j: j.state == CANCELLED, timeout=30)

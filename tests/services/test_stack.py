@@ -21,7 +21,9 @@ def test_demo_runs_every_workflow_through_the_stack(tiny_ckpt_dir, tmp_path):
     assert Image.open(tmp_path / "out" / "edit.png").size == (688, 512)
     assert report["edit"]["progress_updates"] >= 1
     assert report["cancelled_job"]["state"] == "JOB_STATE_CANCELLED"
-    # Everything was stopped: the gateway's port is free again.
+    # Everything was stopped: nothing listens on the gateway's port (SO_REUSEADDR: closed connections
+    # may linger in TIME_WAIT, a listener may not).
     port = int(report["stack"]["http"].rsplit(":", 1)[1])
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
