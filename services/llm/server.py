@@ -17,7 +17,6 @@ Configuration beyond the common flags, from the environment:
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -29,7 +28,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.checkpoint import Checkpoint
-from services.common.config import BagelConfig
+from services.common.config import BagelConfig, env_int
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import cancel_event, check_active, time_remaining
@@ -50,18 +49,6 @@ MAX_SESSION_TTL_S = 24 * 3600
 MAX_SESSION_ID = 256
 EXPIRY_INTERVAL_S = 30.0   # how often idle sessions are swept (acquire() also sweeps)
 RUNTIME_STOP_S = 10.0      # after the gRPC grace period: time for the scheduler to drop what is left
-
-def env_int(name: str, default: int, env=None) -> int:
-    value = (os.environ if env is None else env).get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be positive, got {number}")
-    return number
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from services.common.rpc.errors import status_for
 from services.common.rpc.logs import configure_logging
 from services.common.storage import ObjectStore, StorageConfig, StorageError
 from services.llm.engine import InputError
-from services.orchestrator.jobs import JobNotFound, JobStore, NoOutput, QueueFull, is_terminal
+from services.orchestrator.jobs import JobStore, NoOutput, QueueFull, is_terminal
 from services.orchestrator.plan import plan_job
 from services.orchestrator.settings import QUEUE, TASK, OrchestratorSettings
 

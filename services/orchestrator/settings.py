@@ -6,21 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from services.common.config import env_int
+
 QUEUE = "bagel-jobs"      # the Celery queue (a Redis list of that name)
 TASK = "bagel.run_job"    # the one task: run a job by id
-
-
-def _int(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -51,9 +40,9 @@ class OrchestratorSettings:
                    vit_addr=env.get("BAGEL_VIT_ADDR", d.vit_addr), vae_addr=env.get("BAGEL_VAE_ADDR", d.vae_addr),
                    llm_addr=env.get("BAGEL_LLM_ADDR", d.llm_addr),
                    auth_token=env.get("BAGEL_AUTH_TOKEN", "").strip() or None,
-                   visibility_timeout_s=_int(env, "BAGEL_JOB_VISIBILITY_TIMEOUT", d.visibility_timeout_s, 1),
-                   lease_s=_int(env, "BAGEL_JOB_LEASE_SECONDS", d.lease_s, 1),
-                   max_retries=_int(env, "BAGEL_JOB_MAX_RETRIES", d.max_retries),
-                   call_timeout_s=_int(env, "BAGEL_JOB_CALL_TIMEOUT", d.call_timeout_s, 1),
-                   job_ttl_s=_int(env, "BAGEL_JOB_TTL_SECONDS", d.job_ttl_s, 60),
-                   max_queued=_int(env, "BAGEL_MAX_QUEUED_JOBS", d.max_queued, 1))
+                   visibility_timeout_s=env_int("BAGEL_JOB_VISIBILITY_TIMEOUT", d.visibility_timeout_s, env, 1),
+                   lease_s=env_int("BAGEL_JOB_LEASE_SECONDS", d.lease_s, env, 1),
+                   max_retries=env_int("BAGEL_JOB_MAX_RETRIES", d.max_retries, env, 0),
+                   call_timeout_s=env_int("BAGEL_JOB_CALL_TIMEOUT", d.call_timeout_s, env, 1),
+                   job_ttl_s=env_int("BAGEL_JOB_TTL_SECONDS", d.job_ttl_s, env, 60),
+                   max_queued=env_int("BAGEL_MAX_QUEUED_JOBS", d.max_queued, env, 1))

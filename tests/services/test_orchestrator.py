@@ -406,3 +406,16 @@ def test_a_synchronous_run_given_up_by_its_caller_is_cancelled(orch):
     assert orch.jobs.get(job.id).state in (QUEUED, RUNNING)
     orch.stub.Cancel(jobs_pb2.GetJobRequest(id=job.id))
     wait_job(orch, job.id, lambda j: j.state == CANCELLED, timeout=30)
+
+
+def test_settings_from_the_environment_name_the_bad_variable():
+    env = {"BAGEL_REDIS_URL": "redis://r:6379/2", "BAGEL_LLM_ADDR": "llm:1", "BAGEL_JOB_MAX_RETRIES": "0",
+           "BAGEL_AUTH_TOKEN": "  "}
+    s = OrchestratorSettings.from_env(env)
+    assert (s.redis_url, s.llm_addr, s.max_retries, s.auth_token) == ("redis://r:6379/2", "llm:1", 0, None)
+    assert s.lease_s == OrchestratorSettings().lease_s  # unset: the default
+    for name, value, message in (("BAGEL_JOB_LEASE_SECONDS", "0", "must be at least 1"),
+                                 ("BAGEL_MAX_QUEUED_JOBS", "many", "must be an integer"),
+                                 ("BAGEL_JOB_TTL_SECONDS", "5", "must be at least 60")):
+        with pytest.raises(ValueError, match=f"{name} {message}"):
+            OrchestratorSettings.from_env({name: value})
