@@ -8,6 +8,7 @@ gateway restart. Workers (celery_app.py) run it; the gateway only reads and foll
 HTTP (bodies are the protos in protobuf's JSON mapping; `workflow` also takes "generate" etc.):
     POST /v1/jobs[?wait=S]           submit; 202 with the Job, or 200 with the ended Job within S seconds
     GET  /v1/jobs/{id}[?wait=S]      the Job; with wait, returns as soon as it ends (long poll)
+    GET  /v1/jobs/{id}/events        server-sent events: the Job at every change until it ends
     GET  /v1/jobs/{id}/image         the output PNG of a generate / edit job
     POST /v1/jobs/{id}/cancel        cancel; the Job
     GET  /healthz                    alive;  GET /readyz: Redis and the bucket reachable
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import logging
 import socket
 import sys
@@ -31,7 +33,7 @@ import uvicorn
 from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, Counter
 
@@ -238,6 +240,19 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
     def get(job_id: str, wait: str | None = None, inline_image: bool = False):
         timeout = _wait_param(wait)
         return _job_json(g.wait(job_id, timeout, inline_image) if timeout else g.get(job_id, inline_image))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    def events(job_id: str, wait: str | None = None):
+        """Server-sent events: the Job as JSON at every change until it ends (or `wait` seconds pass)."""
+        timeout = _wait_param(wait) or MAX_WAIT_S
+        g.get(job_id)  # an unknown job is a 404 here, not an empty stream
+
+        def stream():
+            for job in g.watch(job_id, timeout):
+                data = json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True))
+                yield f"event: job\ndata: {data}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/jobs/{job_id}/image")
     def image(job_id: str):

