@@ -40,7 +40,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.checkpoint import init_checkpoint  # noqa: E402
+from services.common.checkpoint import Checkpoint, init_checkpoint  # noqa: E402
 from services.common.s3_local import free_port, start_local_s3  # noqa: E402
 from services.common.storage import ObjectStore  # noqa: E402
 from services.llm.engine import ImageParams, TextItem  # noqa: E402
@@ -229,7 +229,7 @@ def main() -> None:
 def run_benchmarks(args, ckpt: Path, s3, addresses: dict[str, str]) -> None:
     local = local_clients(ckpt)
     remote = remote_clients(addresses["vit"], addresses["vae"], addresses["llm"], store=ObjectStore(s3.config("bench")),
-                            timeout=600, job_id="bench")
+                            timeout=600, job_id="bench", cfg=Checkpoint(ckpt).config)
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 256, (args.edit_image, args.edit_image, 3), dtype=np.uint8))
     t2i = ImageParams(width=args.size, height=args.size, num_timesteps=args.steps, seed=0)

@@ -127,8 +127,9 @@ def image_params_message(p: ImageParams, encoding: int = RAW) -> llm_pb2.ImagePa
     return msg
 
 
-def item_message(item: ContextItem, encoding: int = RAW) -> llm_pb2.ContextItem:
-    """An engine item with its tensor inline (clients holding a stored object's key pass that instead)."""
+def item_message(item: ContextItem, *, down: int, encoding: int = RAW) -> llm_pb2.ContextItem:
+    """An engine item with its tensor inline (clients holding a stored object's key pass that instead);
+    down is the VAE's downsample (cfg.ae.downsample), which sizes a latent's image."""
     if isinstance(item, TextItem):
         return llm_pb2.ContextItem(text=item.text)
     if isinstance(item, ViTImageItem):
@@ -137,13 +138,19 @@ def item_message(item: ContextItem, encoding: int = RAW) -> llm_pb2.ContextItem:
                                      grid=common_pb2.PatchGrid(rows=h, cols=w))
         return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vit=vit))
     if isinstance(item, VAEImageItem):
-        return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=latent_message(item.latent, encoding)))
+        latent = latent_message(item.latent, down=down, encoding=encoding)
+        return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=latent))
     raise TypeError(f"unknown context item {type(item).__name__}")
 
 
-def latent_message(latent: torch.Tensor, encoding: int = RAW, down: int = 8) -> common_pb2.Latent:
-    size = common_pb2.ImageSize(width=latent.shape[2] * down, height=latent.shape[1] * down)
-    return common_pb2.Latent(inline=tensor_to_message(latent, encoding), size=size)
+def latent_message(latent: torch.Tensor, *, down: int, encoding: int = RAW) -> common_pb2.Latent:
+    return common_pb2.Latent(inline=tensor_to_message(latent, encoding), size=latent_size(latent, down))
+
+
+def latent_size(latent: torch.Tensor, down: int) -> common_pb2.ImageSize:
+    """The image size of a latent [z, h, w]. down (cfg.ae.downsample) has no default: it is the
+    checkpoint's, not a constant."""
+    return common_pb2.ImageSize(width=latent.shape[2] * down, height=latent.shape[1] * down)
 
 
 # ---- events: engine progress -> proto ------------------------------------------------------------

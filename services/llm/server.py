@@ -20,7 +20,6 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import grpc
@@ -49,19 +48,6 @@ MAX_SESSION_TTL_S = 24 * 3600
 MAX_SESSION_ID = 256
 EXPIRY_INTERVAL_S = 30.0   # how often idle sessions are swept (acquire() also sweeps)
 RUNTIME_STOP_S = 10.0      # after the gRPC grace period: time for the scheduler to drop what is left
-
-
-@contextmanager
-def llm_statuses(context: grpc.ServicerContext):
-    """When gRPC stops reading a stream because the RPC ended, record the code that ended it (a
-    deadline, or else the client's cancel) for the metrics and the log."""
-    try:
-        yield
-    except GeneratorExit:
-        left = time_remaining(context)
-        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
-                         else grpc.StatusCode.CANCELLED)
-        raise
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -223,70 +209,64 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         self.max_images = server.options.max_images_per_request
 
     def GenerateText(self, request, context):
-        with llm_statuses(context):
-            rt = self._runtime()
-            items = self._items(request.items)
-            params = convert.text_params(request.params, THINK_TOKENS if request.think else
-                                         ANSWER_TOKENS)
-            relay = Relay(context, self.metrics)
-            session = self._acquire(rt, request.session)
-            fut = self._submit(rt, session, lambda s: rt.scheduler.understand(
-                items, params, request.think, relay.controls, s), context)
-            # Think mode decodes reasoning and answer in one go: the text before </think> is THINK.
-            deltas = convert.TextDeltas(convert.ANSWER, split_think=request.think)
-            for p in relay.follow(fut):
-                for d in deltas.update(p):
-                    yield llm_pb2.GenerateTextEvent(delta=d)
-            result = relay.result(fut)
-            for d in deltas.finish():
+        rt = self._runtime()
+        items = self._items(request.items)
+        params = convert.text_params(request.params, THINK_TOKENS if request.think else ANSWER_TOKENS)
+        relay = Relay(context, self.metrics)
+        session = self._acquire(rt, request.session)
+        fut = self._submit(rt, session, lambda s: rt.scheduler.understand(
+            items, params, request.think, relay.controls, s), context)
+        # Think mode decodes reasoning and answer in one go: the text before </think> is THINK.
+        deltas = convert.TextDeltas(convert.ANSWER, split_think=request.think)
+        for p in relay.follow(fut):
+            for d in deltas.update(p):
                 yield llm_pb2.GenerateTextEvent(delta=d)
-            yield llm_pb2.GenerateTextEvent(done=llm_pb2.TextDone(
-                text=result.text, think=result.think or "", tokens=result.tokens, session_id=request.session.id))
+        result = relay.result(fut)
+        for d in deltas.finish():
+            yield llm_pb2.GenerateTextEvent(delta=d)
+        yield llm_pb2.GenerateTextEvent(done=llm_pb2.TextDone(
+            text=result.text, think=result.think or "", tokens=result.tokens, session_id=request.session.id))
 
     def GenerateImage(self, request, context):
-        with llm_statuses(context):
-            rt = self._runtime()
-            items = self._items(request.items)
-            noise = self.payloads.source(request.params.noise, "params.noise") \
-                if request.params.HasField("noise") else None
-            params = convert.image_params(request.params, items, self.cfg, noise)
-            think_params = convert.text_params(request.think_params, THINK_TOKENS)
-            delivery = self.payloads.delivery(request.delivery)  # refuses object delivery without storage
-            if request.output_key:
-                check_key(request.output_key)  # a bad key fails now, not after the generation
-            relay = Relay(context, self.metrics)
-            session = self._acquire(rt, request.session)
-            turn = f"{session.id}#{session.turns}" if session is not None else ""
-            fut = self._submit(rt, session, lambda s: rt.scheduler.generate_image(
-                items, params, request.think, think_params, relay.controls, s), context)
-            plan = convert.TextDeltas(convert.THINK)
-            for p in relay.follow(fut):
-                if p.stage == "denoise":
-                    yield llm_pb2.GenerateImageEvent(progress=llm_pb2.DenoiseProgress(step=p.step, total=p.total))
-                else:
-                    for d in plan.update(p):
-                        yield llm_pb2.GenerateImageEvent(think=d)
-            result = relay.result(fut)
-            # Same request in the same job (and turn of the same session) -> same key: a retry overwrites.
-            key = self.payloads.key(request.output_key, "latents", digest(
-                "llm-generate-image", request.SerializeToString(deterministic=True), turn), "safetensors",
-                request.job_id) if delivery in (OBJECT, BOTH) else ""
-            ref, inline = self.payloads.put_tensor(result.latent, delivery, key, common_pb2.TENSOR_ENCODING_RAW)
-            h, w = result.latent.shape[1:]
-            down = self.cfg.ae.downsample
-            latent = common_pb2.Latent(ref=ref, inline=inline,
-                                       size=common_pb2.ImageSize(width=w * down, height=h * down))
-            yield llm_pb2.GenerateImageEvent(done=llm_pb2.ImageDone(
-                latent=latent, seed=result.seed or 0, think=result.think or "", session_id=request.session.id))
+        rt = self._runtime()
+        items = self._items(request.items)
+        noise = self.payloads.source(request.params.noise, "params.noise") \
+            if request.params.HasField("noise") else None
+        params = convert.image_params(request.params, items, self.cfg, noise)
+        think_params = convert.text_params(request.think_params, THINK_TOKENS)
+        delivery = self.payloads.delivery(request.delivery)  # refuses object delivery without storage
+        if request.output_key:
+            check_key(request.output_key)  # a bad key fails now, not after the generation
+        relay = Relay(context, self.metrics)
+        session = self._acquire(rt, request.session)
+        turn = f"{session.id}#{session.turns}" if session is not None else ""
+        fut = self._submit(rt, session, lambda s: rt.scheduler.generate_image(
+            items, params, request.think, think_params, relay.controls, s), context)
+        plan = convert.TextDeltas(convert.THINK)
+        for p in relay.follow(fut):
+            if p.stage == "denoise":
+                yield llm_pb2.GenerateImageEvent(progress=llm_pb2.DenoiseProgress(step=p.step, total=p.total))
+            else:
+                for d in plan.update(p):
+                    yield llm_pb2.GenerateImageEvent(think=d)
+        result = relay.result(fut)
+        # Same request in the same job (and turn of the same session) -> same key: a retry overwrites.
+        key = self.payloads.key(request.output_key, "latents", digest(
+            "llm-generate-image", request.SerializeToString(deterministic=True), turn), "safetensors",
+            request.job_id) if delivery in (OBJECT, BOTH) else ""
+        ref, inline = self.payloads.put_tensor(result.latent, delivery, key, common_pb2.TENSOR_ENCODING_RAW)
+        size = convert.latent_size(result.latent, self.cfg.ae.downsample)
+        latent = common_pb2.Latent(ref=ref, inline=inline, size=size)
+        yield llm_pb2.GenerateImageEvent(done=llm_pb2.ImageDone(
+            latent=latent, seed=result.seed or 0, think=result.think or "", session_id=request.session.id))
 
     def DeleteSession(self, request, context):
-        with llm_statuses(context):
-            rt = self._runtime()
-            try:
-                rt.sessions.delete(_session_id(request.session_id))
-            except SessionNotFound:
-                return llm_pb2.DeleteSessionResponse(deleted=False)
-            return llm_pb2.DeleteSessionResponse(deleted=True)
+        rt = self._runtime()
+        try:
+            rt.sessions.delete(_session_id(request.session_id))
+        except SessionNotFound:
+            return llm_pb2.DeleteSessionResponse(deleted=False)
+        return llm_pb2.DeleteSessionResponse(deleted=True)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _runtime(self) -> LLMRuntime:

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.common.config import BagelConfig
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, vae_pb2, vae_pb2_grpc, vit_pb2, vit_pb2_grpc
 from services.common.storage import ObjectStore, StorageNotConfigured
 from services.common.tensor_codec import tensor_from_message, tensor_to_message
 from services.llm import convert
 from services.llm.engine import (Cancelled, ContextItem, Controls, ImageParams, ImageResult, InputError, Progress,
                                  TextParams, UnderstandResult, VAEImageItem, ViTImageItem)
+from services.orchestrator.plan import DEFAULT_CONFIG
 from services.orchestrator.workflows import Clients
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the servers' default limit
@@ -91,12 +93,12 @@ class RemoteVAEImageItem(VAEImageItem):
         return self._latent
 
 
-def item_message(item: ContextItem) -> llm_pb2.ContextItem:
+def item_message(item: ContextItem, down: int) -> llm_pb2.ContextItem:
     if isinstance(item, RemoteViTImageItem):
         return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vit=item.message))
     if isinstance(item, RemoteVAEImageItem):
         return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=item.message))
-    return convert.item_message(item)
+    return convert.item_message(item, down=down)
 
 
 @contextmanager
@@ -153,20 +155,21 @@ class GrpcVAE:
 
 
 class GrpcLLM:
-    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int):
+    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int, down: int):
         self.stub, self.calls, self.fetch, self.delivery = llm_pb2_grpc.LLMServiceStub(channel), calls, fetch, delivery
+        self.down = down  # the VAE downsample, to size the latents sent inline
 
     def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
                    controls: Controls | None = None) -> UnderstandResult:
         # Explicit parameters: the in-process engine's defaults, whatever the server's are.
-        req = llm_pb2.GenerateTextRequest(items=[item_message(it) for it in items],
+        req = llm_pb2.GenerateTextRequest(items=[item_message(it, self.down) for it in items],
                                           params=convert.text_params_message(params or TextParams()), think=think)
         done = self._stream(self.stub.GenerateText, req, controls)
         return UnderstandResult(text=done.text, think=done.think or None, tokens=done.tokens)
 
     def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
                        think_params: TextParams | None = None, controls: Controls | None = None) -> ImageResult:
-        req = llm_pb2.GenerateImageRequest(items=[item_message(it) for it in items],
+        req = llm_pb2.GenerateImageRequest(items=[item_message(it, self.down) for it in items],
                                            params=convert.image_params_message(params), think=think,
                                            think_params=convert.text_params_message(think_params),
                                            delivery=self.delivery, job_id=self.calls.job_id)
@@ -217,8 +220,10 @@ class RemoteClients(Clients):
 
 def remote_clients(vit: str, vae: str, llm: str, *, store: ObjectStore | None = None, token: str | None = None,
                    timeout: float | None = None, job_id: str = "",
-                   credentials: grpc.ChannelCredentials | None = None) -> RemoteClients:
-    """Clients for the servers at three host:port addresses; with `store`, tensors travel by key."""
+                   credentials: grpc.ChannelCredentials | None = None,
+                   cfg: BagelConfig = DEFAULT_CONFIG) -> RemoteClients:
+    """Clients for the servers at three host:port addresses; with `store`, tensors travel by key. `cfg` is
+    the servers' model config (the orchestrator's, as for plan_job, by default)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
@@ -233,4 +238,5 @@ def remote_clients(vit: str, vae: str, llm: str, *, store: ObjectStore | None = 
     final = common_pb2.DELIVERY_BOTH if store is not None else common_pb2.DELIVERY_INLINE
     channels = [channel(a) for a in (vit, vae, llm)]
     return RemoteClients(vit=GrpcViT(channels[0], calls, fetch, by_key), vae=GrpcVAE(channels[1], calls, fetch, by_key),
-                         llm=GrpcLLM(channels[2], calls, fetch, final), calls=calls, channels=channels)
+                         llm=GrpcLLM(channels[2], calls, fetch, final, cfg.ae.downsample), calls=calls,
+                         channels=channels)

@@ -7,9 +7,21 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import Checkpoint
-from services.common.images import to_tensor
+from services.common.images import ImageError, to_tensor
 from services.llm.engine import VAEImageItem
 from services.vae.model import AutoEncoder, to_uint8_image
+
+
+SIDE_MULTIPLE = 16  # the VAE's 8x downsample, then the LLM's 2x2 latent patches
+
+
+def check_image_size(width: int, height: int, max_side: int | None = None) -> None:
+    """Refuse a size the VAE cannot encode as is (ImageError: INVALID_ARGUMENT on a server). The engine
+    checks the sides; a server also bounds them, before it waits for the model."""
+    if width % SIDE_MULTIPLE or height % SIDE_MULTIPLE or (max_side is not None and max(width, height) > max_side):
+        bound = f" and at most {max_side}" if max_side is not None else ""
+        raise ImageError(f"VAE input sides must be multiples of {SIDE_MULTIPLE}{bound} (the official VAE resize "
+                         f"gives such a size), got {width}x{height}")
 
 
 class VAEEngine:
@@ -28,9 +40,7 @@ class VAEEngine:
 
         The posterior mean by default (deterministic); `sample=True` draws from it as the reference does.
         """
-        w, h = image.size
-        if w % 16 or h % 16:
-            raise ValueError(f"VAE input sides must be multiples of 16, got {w}x{h}")
+        check_image_size(*image.size)
         x = to_tensor(image)[None].to(self.device, self.dtype)  # [1, 3, H, W]
         return VAEImageItem(self.model.encode(x, sample=sample, generator=generator)[0].float().cpu())
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
-from services.common.images import VAE_RESIZE, ImageError, load_image, vae_resize
+from services.common.images import VAE_RESIZE, load_image, vae_resize
 from services.common.kserve import SERVICE_NAME as KSERVE_SERVICE
 from services.common.kserve import KServeModel, KServeServicer, TensorSpec, add_kserve
 from services.common.protos import common_pb2, service_name, vae_pb2, vae_pb2_grpc
@@ -21,7 +21,7 @@ from services.common.rpc.deadlines import check_active
 from services.common.rpc.payloads import BOTH, INLINE, OBJECT, Payloads, check_count
 from services.common.storage import ObjectStore, digest, encode_png
 from services.common.tensor_codec import expect, tensor_to_safetensors
-from services.vae.engine import VAEEngine
+from services.vae.engine import VAEEngine, check_image_size
 
 NAME = "vae"
 ENCODE_MODEL, DECODE_MODEL = "flux_vae_encode", "flux_vae_decode"
@@ -31,15 +31,12 @@ LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def prepare_image(image: Image.Image, resize: int) -> Image.Image:
-    """The official resize, or the image as given when its sides are already multiples of 16."""
+    """The official resize, or the image as given when the VAE can take its size."""
     if resize == vae_pb2.RESIZE_OFFICIAL:
         return vae_resize(image)
     if resize != vae_pb2.RESIZE_NONE:
         raise ValueError(f"unknown resize mode {resize}")
-    w, h = image.size
-    if w % 16 or h % 16 or max(w, h) > MAX_SIDE:
-        raise ImageError(f"with RESIZE_NONE the image sides must be multiples of 16 and at most {MAX_SIDE}, "
-                         f"got {w}x{h}")
+    check_image_size(*image.size, max_side=MAX_SIDE)
     return image
 
 

@@ -5,6 +5,8 @@ in-process (tests/conftest.py's `clients`) on the same tiny checkpoint and seeds
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -12,16 +14,19 @@ import pytest
 import torch
 
 from services.common.images import vae_resize
-from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
+from services.common.protos import common_pb2, llm_pb2
+from services.llm import convert
+from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams, VAEImageItem
+from services.llm.server import LLM_SERVICE
 from services.orchestrator import workflows as wf
 from services.orchestrator.remote import RemoteViTImageItem, remote_clients
 from service_helpers import noise_image
 
 
 @pytest.fixture(scope="module")
-def remote(vit_server, vae_server, llm_server, store):
+def remote(vit_server, vae_server, llm_server, store, tiny_ckpt):
     c = remote_clients(vit_server.address, vae_server.address, f"127.0.0.1:{llm_server.port}", store=store,
-                       timeout=120, job_id="job-distributed")
+                       timeout=120, job_id="job-distributed", cfg=tiny_ckpt.config)
     yield c
     c.close()
 
@@ -99,6 +104,38 @@ def test_a_wrong_address_fails_with_unavailable(store):
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         c.close()
+
+
+def test_a_latent_sent_inline_is_sized_by_the_configs_downsample(tiny_ckpt):
+    """A latent the orchestrator holds itself goes to the LLM inline, its image size from the config's VAE
+    downsample (16 with five AE levels), not a constant 8."""
+    cfg = replace(tiny_ckpt.config, ae=replace(tiny_ckpt.config.ae, ch_mult=(1, 1, 2, 2, 2)))
+    assert cfg.ae.downsample == 16
+    latent = torch.zeros(16, 3, 5)
+    assert convert.latent_message(latent, down=cfg.ae.downsample).size == common_pb2.ImageSize(width=80, height=48)
+    with pytest.raises(TypeError):
+        convert.latent_message(latent)  # no default to fall back on
+
+    seen = []
+
+    def generate_text(request, context):
+        seen.append(request)
+        yield llm_pb2.GenerateTextEvent(done=llm_pb2.TextDone(text="ok"))
+
+    handler = grpc.method_handlers_generic_handler(LLM_SERVICE, {"GenerateText": grpc.unary_stream_rpc_method_handler(
+        generate_text, request_deserializer=llm_pb2.GenerateTextRequest.FromString,
+        response_serializer=llm_pb2.GenerateTextEvent.SerializeToString)})
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    c = remote_clients("127.0.0.1:1", "127.0.0.1:1", f"127.0.0.1:{port}", timeout=10, cfg=cfg)
+    try:
+        assert c.llm.understand([VAEImageItem(latent), TextItem("what is this?")]).text == "ok"
+    finally:
+        c.close()
+        server.stop(grace=0)
+    (request,) = seen
+    assert request.items[0].image.vae.size == common_pb2.ImageSize(width=80, height=48)
 
 
 def _keys(store, prefix):

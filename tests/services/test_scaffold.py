@@ -245,6 +245,36 @@ def test_streaming_rpcs_get_the_same_policies(make_server):
     assert metric_value(text, "bagel_rpc_requests_total", method="Fail", code="INVALID_ARGUMENT") == 1
 
 
+def test_a_streams_deadline_and_a_cancel_are_counted_apart(make_server):
+    """gRPC stops reading a stream once it is over, for a deadline as for a cancel: the metrics tell which."""
+    def ticks(request, context):
+        for _ in range(500):
+            time.sleep(0.02)
+            yield b"tick"
+
+    port = free_port()
+    handler = grpc.method_handlers_generic_handler("test.Stream", {"Ticks": grpc.unary_stream_rpc_method_handler(ticks)})
+    s = make_server("vit", metrics_port=port, extra_handlers=[handler])
+    ticks_rpc = s.channel.unary_stream("/test.Stream/Ticks")
+
+    def count(code):
+        return metric_value(scrape(port), "bagel_rpc_requests_total", method="Ticks", code=code)
+
+    def wait_for_count(code, n):
+        deadline = time.monotonic() + 5
+        while count(code) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count(code) == n, f"{code}: {count(code)}, expected {n}"
+
+    expect_status(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: list(ticks_rpc(b"x", timeout=0.3)))
+    wait_for_count("DEADLINE_EXCEEDED", 1)
+    call = ticks_rpc(b"x", timeout=30)
+    assert next(call) == b"tick"
+    call.cancel()
+    wait_for_count("CANCELLED", 1)
+    assert count("DEADLINE_EXCEEDED") == 1 and count("UNKNOWN") == 0
+
+
 def test_a_taken_port_is_an_error(make_server, vit_server):
     with pytest.raises(OSError, match="cannot listen"):
         make_server("vit", port=vit_server.server.port)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.images import vae_resize
+from services.common.images import ImageError, vae_resize
 from services.common.protos import common_pb2, vae_pb2, vae_pb2_grpc
 from services.common.tensor_codec import tensor_from_message, tensor_to_message
 from service_helpers import decode_png, expect_status, noise_image, png_bytes
@@ -104,6 +104,16 @@ def test_bad_latents_are_invalid_argument(stub, store):
     expect_status(bad, stub.Decode, _decode(lie), match="declared shape [16, 8, 8]")
     missing = common_pb2.Latent(ref=common_pb2.TensorRef(key="jobs/bad/latents/missing.safetensors"))
     expect_status(grpc.StatusCode.NOT_FOUND, stub.Decode, _decode(missing), match="missing.safetensors")
+
+
+def test_sizes_the_vae_cannot_take_are_refused_in_process_and_by_the_server(stub, vae_engine):
+    with pytest.raises(ImageError, match="multiples of 16.*got 30x32"):
+        vae_engine.encode(noise_image(30, 32))
+    assert vae_engine.encode(noise_image(1040, 16)).latent.shape == (16, 2, 130)  # only the server bounds sides
+    for (w, h), match in [((30, 32), "multiples of 16"), ((32, 40), "multiples of 16"), ((1040, 16), "at most 1024")]:
+        req = vae_pb2.VAEEncodeRequest(inputs=[_encode_input(noise_image(w, h), resize=vae_pb2.RESIZE_NONE)])
+        err = expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Encode, req, match=match)
+        assert f"got {w}x{h}" in err.details()
 
 
 def test_bad_images_are_invalid_argument(stub):

@@ -20,6 +20,7 @@ from typing import Callable, ContextManager
 
 import grpc
 
+from services.common.rpc.deadlines import time_remaining
 from services.common.rpc.errors import status_for
 from services.common.rpc.logs import (REQUEST_ID_KEY, current_request_id, new_request_id, reset_request_id,
                                       set_request_id, valid_request_id)
@@ -70,6 +71,16 @@ def split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+def _unset_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The code of an RPC that raised without setting one. Once an RPC is over, gRPC stops reading a
+    streaming handler (GeneratorExit), whether the client cancelled or its deadline passed: only the
+    deadline tells the two apart."""
+    if context.is_active():
+        return grpc.StatusCode.UNKNOWN
+    left = time_remaining(context)
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 class ObserveInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -96,8 +107,7 @@ class ObserveInterceptor(grpc.ServerInterceptor):
                 yield
                 code = context.code() or grpc.StatusCode.OK
             except BaseException:
-                code = context.code() or (grpc.StatusCode.UNKNOWN if context.is_active() else
-                                          grpc.StatusCode.CANCELLED)
+                code = context.code() or _unset_code(context)
                 raise
             finally:
                 elapsed = time.perf_counter() - start
