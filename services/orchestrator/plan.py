@@ -19,11 +19,13 @@ from services.common.protos import jobs_pb2, llm_pb2
 from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
 from services.llm import convert
 from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, TextParams
+from services.orchestrator.workflows import SessionRef
 
 # Every published preset shares these limits (1024 px sides, 16 px latent patches); the LLM server
 # checks the exact context size against its own model again.
 DEFAULT_CONFIG = preset("bagel-7b-mot")
 MAX_PROMPT_CHARS = 65536
+MAX_SESSION_ID = 256  # as the LLM service
 WORKFLOW_NAMES = {jobs_pb2.WORKFLOW_UNDERSTAND: "understand", jobs_pb2.WORKFLOW_GENERATE: "generate",
                   jobs_pb2.WORKFLOW_EDIT: "edit"}
 NEEDS_IMAGE = {jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_EDIT}
@@ -37,6 +39,7 @@ class JobPlan:
     image_params: ImageParams | None = None
     text_params: TextParams | None = None  # the answer's (understand) or the plan's (think)
     think: bool = False
+    session: SessionRef | None = None
 
 
 def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
@@ -48,8 +51,14 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
     if len(req.prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt: {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     has_image = bool(req.image) or bool(req.image_key)
-    if req.workflow in NEEDS_IMAGE and not has_image:
-        raise InputError(f"{WORKFLOW_NAMES[req.workflow]} needs an input image (`image` or `image_key`)")
+    follow_up = req.workflow == jobs_pb2.WORKFLOW_UNDERSTAND and req.session_id
+    if req.workflow in NEEDS_IMAGE and not has_image and not follow_up:
+        raise InputError(f"{WORKFLOW_NAMES[req.workflow]} needs an input image (`image` or `image_key`; a "
+                         "follow-up question in a session may leave it out)")
+    if req.session_id and (len(req.session_id) > MAX_SESSION_ID or not req.session_id.isprintable()):
+        raise InputError(f"session_id: 1-{MAX_SESSION_ID} printable characters")
+    if req.session_ttl_seconds and not req.session_id:
+        raise InputError("session_ttl_seconds: set session_id too")
     if req.workflow == jobs_pb2.WORKFLOW_GENERATE and has_image:
         raise InputError("generate takes no input image (use edit to change an image)")
     if req.image and req.image_key:
@@ -88,10 +97,11 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     image = load_image(image_bytes) if image_bytes is not None else None
     check_context(req, image, cfg)
     name = WORKFLOW_NAMES[req.workflow]
+    session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
     if name == "understand":
         budget = THINK_TOKENS if req.think else ANSWER_TOKENS
         return JobPlan(name, req.prompt, image, text_params=convert.text_params(req.text_params, budget),
-                       think=req.think)
+                       think=req.think, session=session)
     msg = llm_pb2.ImageParams()
     msg.CopyFrom(req.image_params)
     if msg.preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
@@ -109,4 +119,5 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
         raise InputError("image_params.noise: not taken by the job API (use a seed, or call the LLM service)")
     params = convert.image_params(msg, [], cfg)
     think_params = convert.text_params(req.text_params, THINK_TOKENS) if req.think else None
-    return JobPlan(name, req.prompt, image, image_params=params, text_params=think_params, think=req.think)
+    return JobPlan(name, req.prompt, image, image_params=params, text_params=think_params, think=req.think,
+                   session=session)

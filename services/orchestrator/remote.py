@@ -33,7 +33,7 @@ from services.llm import convert
 from services.llm.engine import (Cancelled, ContextItem, Controls, ImageParams, ImageResult, InputError, Progress,
                                  TextParams, UnderstandResult, VAEImageItem, ViTImageItem)
 from services.orchestrator.plan import DEFAULT_CONFIG
-from services.orchestrator.workflows import Clients
+from services.orchestrator.workflows import Clients, SessionRef
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the servers' default limit
 _STAGES = {llm_pb2.TEXT_STAGE_THINK: "think", llm_pb2.TEXT_STAGE_ANSWER: "answer"}
@@ -160,19 +160,22 @@ class GrpcLLM:
         self.down = down  # the VAE downsample, to size the latents sent inline
 
     def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                   controls: Controls | None = None) -> UnderstandResult:
+                   controls: Controls | None = None, session: SessionRef | None = None) -> UnderstandResult:
         # Explicit parameters: the in-process engine's defaults, whatever the server's are.
         req = llm_pb2.GenerateTextRequest(items=[item_message(it, self.down) for it in items],
-                                          params=convert.text_params_message(params or TextParams()), think=think)
+                                          params=convert.text_params_message(params or TextParams()), think=think,
+                                          session=_session_options(session))
         done = self._stream(self.stub.GenerateText, req, controls)
         return UnderstandResult(text=done.text, think=done.think or None, tokens=done.tokens)
 
     def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
-                       think_params: TextParams | None = None, controls: Controls | None = None) -> ImageResult:
+                       think_params: TextParams | None = None, controls: Controls | None = None,
+                       session: SessionRef | None = None) -> ImageResult:
         req = llm_pb2.GenerateImageRequest(items=[item_message(it, self.down) for it in items],
                                            params=convert.image_params_message(params), think=think,
                                            think_params=convert.text_params_message(think_params),
-                                           delivery=self.delivery, job_id=self.calls.job_id)
+                                           delivery=self.delivery, job_id=self.calls.job_id,
+                                           session=_session_options(session))
         done = self._stream(self.stub.GenerateImage, req, controls)
         m = done.latent
         latent = self.fetch(m.ref, m.inline if m.HasField("inline") else None)
@@ -206,6 +209,10 @@ class GrpcLLM:
         if done is None:
             raise RuntimeError("the stream ended without its final event")
         return done
+
+
+def _session_options(session: SessionRef | None) -> llm_pb2.SessionOptions | None:
+    return None if session is None else llm_pb2.SessionOptions(id=session.id, ttl_seconds=session.ttl_s)
 
 
 @dataclass

@@ -153,13 +153,15 @@ def run(job_id: str, rt: Runtime, controls: Controls) -> jobs_pb2.JobResult:
 
 def _run_plan(plan: JobPlan, clients, controls: Controls, store: ObjectStore, job_id: str) -> jobs_pb2.JobResult:
     if plan.workflow == "understand":
-        out = wf.understand(clients, plan.image, plan.prompt, plan.text_params, plan.think, controls)
+        out = wf.understand(clients, plan.image, plan.prompt, plan.text_params, plan.think, controls, plan.session)
         return jobs_pb2.JobResult(text=out.text, think=out.think or "", tokens=out.tokens)
     clients.vae = _ReportingVAE(clients.vae, controls)
     if plan.workflow == "generate":
-        out = wf.generate(clients, plan.prompt, plan.image_params, plan.think, plan.text_params, controls)
+        out = wf.generate(clients, plan.prompt, plan.image_params, plan.think, plan.text_params, controls,
+                          plan.session)
     else:
-        out = wf.edit(clients, plan.image, plan.prompt, plan.image_params, plan.think, plan.text_params, controls)
+        out = wf.edit(clients, plan.image, plan.prompt, plan.image_params, plan.think, plan.text_params, controls,
+                      plan.session)
     controls.check()
     key = f"jobs/{job_id}/output.png"
     store.put_png(key, out.pixels)

@@ -435,3 +435,38 @@ def test_settings_from_the_environment_name_the_bad_variable():
                                  ("BAGEL_JOB_TTL_SECONDS", "5", "must be at least 60")):
         with pytest.raises(ValueError, match=f"{name} {message}"):
             OrchestratorSettings.from_env({name: value})
+
+
+def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
+    """Turn 1 asks about an image, turn 2 asks a follow-up without it: through the job API (the LLM
+    service keeps the session) the answers equal the engine's own two-turn session in-process."""
+    from services.common.images import vae_resize
+    from services.llm.engine import TextItem
+    from services.llm.sessions import SessionStore
+
+    image = noise_image(24, 24, seed=12)
+    turns = [({"image": b64(png_bytes(image))}, "what is in it?"), ({}, "and what colour is it?")]
+    got = []
+    for extra, prompt in turns:
+        job = orch.http.post("/v1/jobs", params={"wait": 60}, json={
+            "workflow": "understand", "prompt": prompt, "session_id": "chat-7", "session_ttl_seconds": 60,
+            "text_params": {"max_new_tokens": 4}, **extra}).json()
+        assert job["state"] == "JOB_STATE_SUCCEEDED", job
+        got.append(job["result"]["text"])
+
+    sessions = SessionStore(engine)
+    (vit,) = clients.vit.encode([vae_resize(image)])
+    want = []
+    for items in ([vit, TextItem("what is in it?")], [TextItem("and what colour is it?")]):
+        s = sessions.acquire("chat-7", create=True)
+        try:
+            want.append(engine.understand(items, TextParams(max_new_tokens=4), session=s).text)
+        finally:
+            sessions.release(s)
+    sessions.close()
+    assert got == want
+    # Without the session the follow-up has no image to talk about: refused at the door.
+    r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "and what colour is it?"})
+    assert r.status_code == 400 and "session" in r.json()["message"]
+    r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "session_id": "bad\nid"})
+    assert r.status_code == 400 and "session_id" in r.json()["message"]
