@@ -176,6 +176,8 @@ def cmd_worker(args) -> int:
     from services.orchestrator.celery_app import app
     from services.orchestrator.settings import QUEUE
 
+    app.bagel_runtime.metrics.serve(args.metrics_port)
+
     # Threads: a job mostly waits on gRPC calls to the model servers, so a process runs several.
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", QUEUE,
                      "--loglevel", args.log_level, "--hostname", args.hostname, "--without-gossip",
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a Celery worker of the orchestrator (config: BAGEL_* environment)")
     w.add_argument("--concurrency", type=int, default=4, help="jobs run at once (threads)")
     w.add_argument("--hostname", default="celery@%h", help="the worker's node name")
+    w.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables")
     w.add_argument("--log-level", default="INFO")
     w.set_defaults(func=cmd_worker)
 

@@ -42,10 +42,12 @@ from services.common.protos import jobs_pb2, jobs_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.errors import status_for
 from services.common.rpc.logs import configure_logging
+from services.common.rpc.metrics import Metrics
 from services.common.storage import ObjectStore, StorageConfig, StorageError
 from services.llm.engine import InputError
 from services.orchestrator.jobs import JobStore, NoOutput, QueueFull, is_terminal
-from services.orchestrator.plan import plan_job
+from services.orchestrator.metrics import GatewayMetrics
+from services.orchestrator.plan import WORKFLOW_NAMES, plan_job
 from services.orchestrator.settings import QUEUE, TASK, OrchestratorSettings
 
 log = logging.getLogger("bagel.gateway")
@@ -67,8 +69,25 @@ class Gateway:
 
     def __init__(self, jobs: JobStore, store: ObjectStore, celery: Celery, settings: OrchestratorSettings):
         self.jobs, self.store, self.celery, self.settings = jobs, store, celery, settings
+        self.metrics: GatewayMetrics | None = None
+
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = GatewayMetrics(registry, queue_depth=lambda: self.jobs.r.llen(QUEUE))
+
+    def _count(self, req: jobs_pb2.SubmitJobRequest, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.submitted.labels(WORKFLOW_NAMES.get(req.workflow, "unknown"), result).inc()
 
     def submit(self, req: jobs_pb2.SubmitJobRequest) -> jobs_pb2.Job:
+        try:
+            job, new = self._submit(req)
+        except Exception:
+            self._count(req, "refused")
+            raise
+        self._count(req, "accepted" if new else "duplicate")
+        return job
+
+    def _submit(self, req: jobs_pb2.SubmitJobRequest) -> tuple[jobs_pb2.Job, bool]:
         image = req.image or None
         if req.image_key:
             image = self.store.get_bytes(req.image_key, max_bytes=MAX_IMAGE_BYTES)  # NOT_FOUND if missing
@@ -87,7 +106,7 @@ class Gateway:
         if not created.new:
             if job_id is not None:
                 self.store.delete(stored.image_key)  # the earlier job has its own copy
-            return created.job
+            return created.job, False
         try:
             self.celery.send_task(TASK, args=[created.job.id], queue=QUEUE)
         except Exception as e:  # noqa: BLE001 - the broker refused: the job must not look accepted
@@ -95,7 +114,7 @@ class Gateway:
             raise StorageError(f"the job queue is unreachable: {e}") from None
         log.info("job accepted", extra={"job_id": created.job.id,
                                         "workflow": jobs_pb2.Workflow.Name(req.workflow)})
-        return created.job
+        return created.job, True
 
     def get(self, job_id: str, inline_image: bool = False) -> jobs_pb2.Job:
         return self._with_image(self.jobs.get(job_id), inline_image)
@@ -305,7 +324,9 @@ class GatewayProcess:
         self.gateway = gateway
         options = ServerOptions(host=host, port=grpc_port, metrics_port=metrics_port, auth_token=auth_token,
                                 max_concurrency=max_concurrency, drain_seconds=0.0, grace_seconds=10.0)
-        self.grpc = ModelServer("gateway", options)
+        metrics = Metrics()
+        gateway.attach_metrics(metrics.registry)
+        self.grpc = ModelServer("gateway", options, metrics)
         servicer = JobServicer(gateway)
         self.grpc.add_service(service_name(jobs_pb2, "JobService"),
                               lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s))

@@ -29,8 +29,9 @@ from services.common.storage import BadObjectKey, ObjectNotFound, ObjectStore, S
 from services.common.protos import jobs_pb2
 from services.llm.engine import Cancelled, Controls, InputError, Progress
 from services.orchestrator import workflows as wf
-from services.orchestrator.jobs import JobNotFound, JobStore, is_terminal
-from services.orchestrator.plan import JobPlan, plan_job
+from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal
+from services.orchestrator.metrics import WorkerMetrics
+from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, plan_job
 from services.orchestrator.remote import remote_clients
 from services.orchestrator.settings import OrchestratorSettings
 
@@ -50,9 +51,11 @@ class Transient(RuntimeError):
 class Runtime:
     """A worker process's connections, made on first use."""
 
-    def __init__(self, settings: OrchestratorSettings, storage: StorageConfig | None = None):
+    def __init__(self, settings: OrchestratorSettings, storage: StorageConfig | None = None,
+                 metrics: WorkerMetrics | None = None):
         self.settings = settings
         self._storage = storage
+        self.metrics = metrics or WorkerMetrics()
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -88,6 +91,7 @@ def execute(job_id: str, rt: Runtime) -> None:
             return
     watcher = Watcher(jobs, job_id, worker, s.lease_s)
     watcher.start()
+    rt.metrics.running.inc()
     try:
         while True:
             job = jobs.start(job_id)
@@ -105,6 +109,7 @@ def execute(job_id: str, rt: Runtime) -> None:
                 # the redelivery of the unacknowledged message.
                 delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
                 jobs.requeue(job_id, f"{e.code}: {e}")
+                rt.metrics.retries.labels(e.code).inc()
                 log.warning("job retried", extra={"job_id": job_id, "code": e.code, "in_s": delay})
                 watcher.controls.cancel.wait(delay)
                 continue
@@ -125,7 +130,21 @@ def execute(job_id: str, rt: Runtime) -> None:
     finally:
         watcher.stop()
         jobs.release_lease(job_id, worker)
+        rt.metrics.running.dec()
+        _count_end(rt, job_id)
     return
+
+
+def _count_end(rt: Runtime, job_id: str) -> None:
+    try:
+        job = rt.jobs.get(job_id)
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        return
+    if is_terminal(job):
+        workflow, state = WORKFLOW_NAMES.get(job.workflow, "unknown"), STATE_NAMES[job.state]
+        rt.metrics.finished.labels(workflow, state).inc()
+        if job.started_at:
+            rt.metrics.seconds.labels(workflow, state).observe(job.finished_at - job.started_at)
 
 
 def run(job_id: str, rt: Runtime, controls: Controls) -> jobs_pb2.JobResult:

@@ -26,7 +26,7 @@ from services.orchestrator.gateway import GatewayProcess, build_gateway
 from services.orchestrator.jobs import JobStore
 from services.orchestrator.runner import Runtime, execute
 from services.orchestrator.settings import QUEUE, OrchestratorSettings
-from service_helpers import decode_png, expect_status, noise_image, png_bytes
+from service_helpers import decode_png, expect_status, metric_value, noise_image, png_bytes, scrape
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING,
                                                  jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED,
@@ -56,9 +56,13 @@ class WorkerProcess:
     def __init__(self, settings: OrchestratorSettings, store, concurrency: int = 2):
         import tempfile
 
+        from services.common.s3_local import free_port
+
         self.log = tempfile.TemporaryFile()
+        self.metrics_port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--concurrency",
-                                      str(concurrency), "--log-level", "WARNING"], env=worker_env(settings, store),
+                                      str(concurrency), "--log-level", "WARNING", "--metrics-port",
+                                      str(self.metrics_port)], env=worker_env(settings, store),
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self, kill: bool = False) -> None:
@@ -81,7 +85,11 @@ class Orchestrator:
         self.app = make_app(settings, Runtime(settings, storage=store.cfg))
         self._worker = WorkerProcess(settings, store) if worker else None
         self.gateway = build_gateway(settings, storage=store.cfg, celery=self.app)
-        self.proc = GatewayProcess(self.gateway, host="127.0.0.1", http_port=0, grpc_port=0, auth_token=auth_token)
+        from services.common.s3_local import free_port
+
+        self.metrics_port = free_port()
+        self.proc = GatewayProcess(self.gateway, host="127.0.0.1", http_port=0, grpc_port=0, auth_token=auth_token,
+                                   metrics_port=self.metrics_port)
         self.proc.start()
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.proc.http_port}", timeout=120)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proc.grpc_port}")
@@ -470,3 +478,28 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     assert r.status_code == 400 and "session" in r.json()["message"]
     r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "session_id": "bad\nid"})
     assert r.status_code == 400 and "session_id" in r.json()["message"]
+
+
+def test_metrics_count_submissions_and_finished_jobs(orch):
+    def gateway(result):
+        return metric_value(scrape(orch.metrics_port), "bagel_jobs_submitted_total", workflow="generate",
+                            result=result)
+
+    def worker(name, **labels):
+        return metric_value(scrape(orch._worker.metrics_port), name, workflow="generate", **labels)
+
+    before = {r: gateway(r) for r in ("accepted", "duplicate", "refused")}
+    done_before = worker("bagel_jobs_finished_total", state="succeeded")
+    body = {"workflow": "generate", "prompt": "count me", "idempotency_key": "metrics-1",
+            "image_params": {"width": 32, "height": 32, "num_timesteps": 2}}
+    job = orch.http.post("/v1/jobs", json=body).json()
+    orch.http.post("/v1/jobs", json=body)
+    orch.http.post("/v1/jobs", json={**body, "idempotency_key": "", "image_params": {"width": 33}})
+    assert orch.http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()["state"] == "JOB_STATE_SUCCEEDED"
+    assert {r: gateway(r) - before[r] for r in before} == {"accepted": 1, "duplicate": 1, "refused": 1}
+    assert metric_value(scrape(orch.metrics_port), "bagel_jobs_queued") >= 0
+    deadline = time.monotonic() + 10  # the worker counts just after it records the end
+    while worker("bagel_jobs_finished_total", state="succeeded") == done_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker("bagel_jobs_finished_total", state="succeeded") == done_before + 1
+    assert worker("bagel_job_seconds_count", state="succeeded") >= 1
