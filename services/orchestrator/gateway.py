@@ -6,7 +6,8 @@ Redis, and its task is queued. Only then does the client get the job id, so an a
 gateway restart. Workers (celery_app.py) run it; the gateway only reads and follows the record.
 
 HTTP (bodies are the protos in protobuf's JSON mapping; `workflow` also takes "generate" etc.):
-    POST /v1/jobs[?wait=S]           submit; 202 with the Job, or 200 with the ended Job within S seconds
+    POST /v1/jobs[?wait=S]           submit (JSON, or multipart: `request` JSON + `image` file); 202 with
+                                     the Job, or 200 with the ended Job within S seconds
     GET  /v1/jobs/{id}[?wait=S]      the Job; with wait, returns as soon as it ends (long poll)
     GET  /v1/jobs/{id}/events        server-sent events: the Job at every change until it ends
     GET  /v1/jobs/{id}/image         the output PNG of a generate / edit job
@@ -32,6 +33,8 @@ import redis
 import uvicorn
 from celery import Celery
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile  # what request.form() returns
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
@@ -247,12 +250,13 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
         return JSONResponse({"code": "INVALID_ARGUMENT", "message": f"bad request: {exc.errors()}"}, status_code=400)
 
     @app.post("/v1/jobs")
-    def submit(body: dict, wait: str | None = None):
-        req = _parse_submit(body)
+    async def submit(request: Request, wait: str | None = None):
         timeout = _wait_param(wait)
-        job = g.submit(req)
+        req = await _read_submit(request)
+        # Redis, S3 and waiting block: off the event loop.
+        job = await run_in_threadpool(g.submit, req)
         if timeout:
-            job = g.wait(job.id, timeout, req.inline_image)
+            job = await run_in_threadpool(g.wait, job.id, timeout, req.inline_image)
         return _job_json(job, 200 if is_terminal(job) else 202)
 
     @app.get("/v1/jobs/{job_id}")
@@ -294,13 +298,57 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
     return app
 
 
+class TooLarge(ValueError):
+    """A request body or upload over the gateway's limit (HTTP 413)."""
+
+
 def _error_json(exc: Exception) -> JSONResponse:
     """The gRPC status table decides (services/common/rpc/errors.py); unexpected errors say nothing more."""
+    if isinstance(exc, TooLarge):
+        return JSONResponse({"code": "INVALID_ARGUMENT", "message": str(exc)}, status_code=413)
     code = status_for(exc)
     message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error"
     if code == grpc.StatusCode.INTERNAL:
         log.error("http request failed", exc_info=exc)
     return JSONResponse({"code": code.name, "message": message}, status_code=HTTP_CODES.get(code, 500))
+
+
+async def _read_submit(request: Request) -> jobs_pb2.SubmitJobRequest:
+    """A JSON SubmitJobRequest, or multipart/form-data with the request as JSON in the field `request`
+    and the image as the file `image` (no base64: `curl -F request=@job.json -F image=@cat.png`)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=2)
+        raw = form.get("request")
+        if isinstance(raw, UploadFile):
+            raw = (await raw.read()).decode("utf-8", "replace")
+        req = _parse_submit(_json_object(raw or "{}", "the `request` field"))
+        upload = form.get("image")
+        if upload is not None:
+            if req.image or req.image_key:
+                raise InputError("the image comes either as the `image` file or inside the request, not both")
+            if isinstance(upload, UploadFile) and (upload.size or 0) > MAX_IMAGE_BYTES:
+                raise TooLarge(f"the image file is {upload.size} bytes; the limit is {MAX_IMAGE_BYTES}")
+            req.image = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
+        return req
+    return _parse_submit(_json_object(await _read_body(request), "the body"))
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused past MAX_BODY_BYTES even when no Content-Length announced it (chunked)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TooLarge(f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(raw: str | bytes, what: str) -> dict:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"{what} is not JSON: {e}") from None
 
 
 def _parse_submit(body: dict) -> jobs_pb2.SubmitJobRequest:

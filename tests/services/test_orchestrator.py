@@ -187,6 +187,21 @@ def test_grpc_submit_then_watch_an_understanding_job(orch, clients):
     assert orch.stub.Get(jobs_pb2.GetJobRequest(id=job.id)) == final
 
 
+def test_http_multipart_upload_equals_the_json_request(orch, clients):
+    image = noise_image(20, 30, seed=8)
+    request = {"workflow": "understand", "prompt": "describe it", "text_params": {"max_new_tokens": 3}}
+    r = orch.http.post("/v1/jobs", params={"wait": 60}, data={"request": json.dumps(request)},
+                       files={"image": ("cat.png", png_bytes(image), "image/png")})
+    assert r.status_code == 200, r.text
+    want = wf.understand(clients, image, "describe it", TextParams(max_new_tokens=3))
+    assert r.json()["result"]["text"] == want.text
+    bad = orch.http.post("/v1/jobs", data={"request": "{nope"}, files={"image": ("a.png", b"x", "image/png")})
+    assert bad.status_code == 400 and "not JSON" in bad.json()["message"]
+    both = orch.http.post("/v1/jobs", data={"request": json.dumps({**request, "image_key": "uploads/cat.png"})},
+                          files={"image": ("a.png", png_bytes(image), "image/png")})
+    assert both.status_code == 400 and "not both" in both.json()["message"]
+
+
 def test_an_image_already_in_the_bucket_is_taken_by_key(orch, store, clients):
     image = noise_image(20, 30, seed=5)
     store.put_bytes("uploads/cat.png", png_bytes(image))
@@ -231,6 +246,9 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
     monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES", 1000)
     r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "image": "A" * 2000})
     assert r.status_code == 413
+    chunked = (part for part in [b'{"workflow": "understand", "prompt": "', b"x" * 2000, b'"}'])
+    r = orch.http.post("/v1/jobs", content=chunked, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["message"]  # no Content-Length to trust
     err = expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.Submit,
                         jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_EDIT, image=b"\x89PNG broken", prompt="x"))
     assert "image" in err.details()
