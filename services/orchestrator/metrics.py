@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.rpc.metrics import serve_registry
 
 # A job on a GPU takes seconds (512 px) to minutes (1024 px, think mode); on a CPU, longer.
 _JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -32,10 +34,8 @@ class WorkerMetrics:
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int | None:
-        if not port:
-            return None
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+        self._http, bound = serve_registry(self.registry, port, host)
+        return bound
 
 
 def _or_nan(read) -> float:

@@ -65,6 +65,16 @@ class WorkerProcess:
                                       str(self.metrics_port)], env=worker_env(settings, store),
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
+    def scrape(self, timeout: float = 60.0) -> str:
+        """Its /metrics, waiting for the process to come up (imports take seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return scrape(self.metrics_port)
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "the worker did not come up"
+                time.sleep(0.1)
+
     def stop(self, kill: bool = False) -> None:
         if self.proc.poll() is None:
             self.proc.kill() if kill else self.proc.terminate()
@@ -504,7 +514,7 @@ def test_metrics_count_submissions_and_finished_jobs(orch):
                             result=result)
 
     def worker(name, **labels):
-        return metric_value(scrape(orch._worker.metrics_port), name, workflow="generate", **labels)
+        return metric_value(orch._worker.scrape(), name, workflow="generate", **labels)
 
     before = {r: gateway(r) for r in ("accepted", "duplicate", "refused")}
     done_before = worker("bagel_jobs_finished_total", state="succeeded")

@@ -27,13 +27,19 @@ class Metrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int | None:
         """Start the /metrics HTTP server; port 0 disables it. Returns the bound port."""
-        if not port:
-            return None
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+        self._http, bound = serve_registry(self.registry, port, host)
+        return bound
 
     def stop(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "0.0.0.0"):
+    """/metrics for one registry on its own HTTP port (0: none). Returns (server or None, bound port)."""
+    if not port:
+        return None, None
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port
