@@ -158,11 +158,11 @@ class JobStore:
         job = self.update(job_id, change)
         return job if job.state == jobs_pb2.JOB_STATE_RUNNING else None
 
-    def progress(self, job_id: str, stage: str, step: int = 0, total: int = 0) -> None:
+    def progress(self, job_id: str, stage: str, step: int = 0, total: int = 0, text: str = "") -> None:
         def change(job: jobs_pb2.Job):
             if job.state != jobs_pb2.JOB_STATE_RUNNING:
                 return False
-            job.progress.CopyFrom(jobs_pb2.JobProgress(stage=stage, step=step, total=total))
+            job.progress.CopyFrom(jobs_pb2.JobProgress(stage=stage, step=step, total=total, text=text))
             return None
 
         self.update(job_id, change)

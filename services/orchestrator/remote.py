@@ -16,6 +16,7 @@ InputError, CANCELLED -> Cancelled); any other failure stays a grpc.RpcError wit
 from __future__ import annotations
 
 import io
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -120,13 +121,35 @@ def png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+class PngOnce:
+    """PNG bytes of the image encoded last: an edit sends the same resized picture to the ViT and the VAE,
+    which then costs one encode (~36 ms at 512 px) instead of two. Safe across threads: a caller always
+    gets the bytes of its own image."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._image: Image.Image | None = None
+        self._data = b""
+
+    def __call__(self, image: Image.Image) -> bytes:
+        with self._lock:
+            if image is self._image:
+                return self._data
+        data = png(image)
+        with self._lock:
+            self._image, self._data = image, data
+        return data
+
+
 # ---- the three clients ---------------------------------------------------------------------------
 class GrpcViT:
-    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int):
+    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int,
+                 encode: Callable[[Image.Image], bytes] = png):
         self.stub, self.calls, self.fetch, self.delivery = vit_pb2_grpc.ViTServiceStub(channel), calls, fetch, delivery
+        self.png = encode
 
     def encode(self, images: Sequence[Image.Image]) -> list[ViTImageItem]:
-        req = vit_pb2.ViTEncodeRequest(inputs=[vit_pb2.ViTEncodeInput(image=common_pb2.ImageRef(encoded=png(im)))
+        req = vit_pb2.ViTEncodeRequest(inputs=[vit_pb2.ViTEncodeInput(image=common_pb2.ImageRef(encoded=self.png(im)))
                                                for im in images], delivery=self.delivery, job_id=self.calls.job_id)
         with engine_errors():
             resp = self.stub.Encode(req, metadata=self.calls.metadata, timeout=self.calls.timeout)
@@ -134,12 +157,14 @@ class GrpcViT:
 
 
 class GrpcVAE:
-    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int):
+    def __init__(self, channel: grpc.Channel, calls: CallOptions, fetch: Fetcher, delivery: int,
+                 encode: Callable[[Image.Image], bytes] = png):
         self.stub, self.calls, self.fetch, self.delivery = vae_pb2_grpc.VAEServiceStub(channel), calls, fetch, delivery
+        self.png = encode
 
     def encode(self, image: Image.Image) -> VAEImageItem:
         # The workflows hand over images already at their VAE size, as the in-process engine expects.
-        req = vae_pb2.VAEEncodeRequest(inputs=[vae_pb2.VAEEncodeInput(image=common_pb2.ImageRef(encoded=png(image)),
+        req = vae_pb2.VAEEncodeRequest(inputs=[vae_pb2.VAEEncodeInput(image=common_pb2.ImageRef(encoded=self.png(image)),
                                                                       resize=vae_pb2.RESIZE_NONE)],
                                        delivery=self.delivery, job_id=self.calls.job_id)
         with engine_errors():
@@ -244,6 +269,8 @@ def remote_clients(vit: str, vae: str, llm: str, *, store: ObjectStore | None = 
     by_key = common_pb2.DELIVERY_OBJECT if store is not None else common_pb2.DELIVERY_INLINE
     final = common_pb2.DELIVERY_BOTH if store is not None else common_pb2.DELIVERY_INLINE
     channels = [channel(a) for a in (vit, vae, llm)]
-    return RemoteClients(vit=GrpcViT(channels[0], calls, fetch, by_key), vae=GrpcVAE(channels[1], calls, fetch, by_key),
+    once = PngOnce()
+    return RemoteClients(vit=GrpcViT(channels[0], calls, fetch, by_key, once),
+                         vae=GrpcVAE(channels[1], calls, fetch, by_key, once),
                          llm=GrpcLLM(channels[2], calls, fetch, final, cfg.ae.downsample), calls=calls,
                          channels=channels)

@@ -245,6 +245,6 @@ class Watcher:
             return
         self._last = (p.stage, now)
         try:
-            self.jobs.progress(self.job_id, p.stage, p.step, p.total)
+            self.jobs.progress(self.job_id, p.stage, p.step, p.total, p.text)
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("progress not recorded", exc_info=True, extra={"job_id": self.job_id})

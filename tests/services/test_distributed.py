@@ -46,13 +46,19 @@ def test_text_to_image_distributed_equals_in_process(remote, clients, store):
     assert any(torch.equal(store.get_tensor(k), want.latent) for k in stored)  # the LLM kept it under the job
 
 
-def test_edit_distributed_equals_in_process(remote, clients):
+def test_edit_distributed_equals_in_process(remote, clients, monkeypatch):
+    from services.orchestrator import remote as remote_module
+
+    encoded = []
+    real_png = remote_module.png
+    monkeypatch.setattr(remote_module, "png", lambda im: encoded.append(im.size) or real_png(im))
     image = picture()
     params = wf.edit_params(image, num_timesteps=3, seed=4)
     got = wf.edit(remote, image, "make it blue", params)
     want = wf.edit(clients, image, "make it blue", params)
     assert got.latent.shape == (16, 64, 64) and got.pixels.shape == (512, 512, 3)
     assert torch.equal(got.latent, want.latent) and np.array_equal(got.pixels, want.pixels)
+    assert encoded == [(512, 512)]  # the resized input went to the ViT and the VAE as one PNG encode
 
 
 def test_understand_distributed_equals_in_process(remote, clients):

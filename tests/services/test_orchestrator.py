@@ -197,6 +197,21 @@ def test_grpc_submit_then_watch_an_understanding_job(orch, clients):
     assert orch.stub.Get(jobs_pb2.GetJobRequest(id=job.id)) == final
 
 
+def test_an_answer_streams_as_it_is_decoded(orch, clients):
+    """Watch shows the answer growing: each update's text is a prefix of the final answer."""
+    image = noise_image(24, 24, seed=13)
+    updates = list(orch.stub.Run(jobs_pb2.SubmitJobRequest(
+        workflow=jobs_pb2.WORKFLOW_UNDERSTAND, image=png_bytes(image), prompt="tell me a story",
+        text_params={"max_new_tokens": 40}), timeout=120))
+    final = updates[-1]
+    want = wf.understand(clients, image, "tell me a story", TextParams(max_new_tokens=40))
+    assert final.result.text == want.text
+    partial = [u.progress.text for u in updates if u.progress.stage == "answer"]
+    assert partial and any(partial) and all(want.text.startswith(t) for t in partial)
+    if want.tokens == 40:  # the budget's last token is never throttled away (an early end may be)
+        assert partial[-1] == want.text
+
+
 def test_http_multipart_upload_equals_the_json_request(orch, clients):
     image = noise_image(20, 30, seed=8)
     request = {"workflow": "understand", "prompt": "describe it", "text_params": {"max_new_tokens": 3}}
