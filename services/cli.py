@@ -174,12 +174,12 @@ def cmd_worker(args) -> int:
 
     configure_logging(args.log_level)
     from services.orchestrator.celery_app import app
-    from services.orchestrator.settings import QUEUE
+    from services.orchestrator.settings import CONTROL_QUEUE, QUEUE
 
     app.bagel_runtime.metrics.serve(args.metrics_port)
 
     # Threads: a job mostly waits on gRPC calls to the model servers, so a process runs several.
-    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", QUEUE,
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", f"{QUEUE},{CONTROL_QUEUE}",
                      "--loglevel", args.log_level, "--hostname", args.hostname, "--without-gossip",
                      "--without-mingle"])
     return 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.orchestrator.runner import Runtime, execute
-from services.orchestrator.settings import QUEUE, TASK, OrchestratorSettings
+from services.orchestrator.runner import Runtime, delete_session, execute
+from services.orchestrator.settings import DELETE_SESSION_TASK, QUEUE, TASK, OrchestratorSettings
 
 
 def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | None = None) -> Celery:
@@ -40,6 +40,11 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
     @app.task(name=TASK, bind=True, shared=False)  # shared=False: not added to apps made later
     def run_job(self, job_id: str) -> None:
         execute(job_id, self.app.bagel_runtime)
+
+    # The gateway waits for this one's answer (through the result backend); nothing to redo if lost.
+    @app.task(name=DELETE_SESSION_TASK, bind=True, shared=False, ignore_result=False, acks_late=False)
+    def end_session(self, session_id: str) -> bool:
+        return delete_session(session_id, self.app.bagel_runtime)
 
     return app
 

@@ -12,6 +12,7 @@ HTTP (bodies are the protos in protobuf's JSON mapping; `workflow` also takes "g
     GET  /v1/jobs/{id}/events        server-sent events: the Job at every change until it ends
     GET  /v1/jobs/{id}/image         the output PNG of a generate / edit job
     POST /v1/jobs/{id}/cancel        cancel; the Job
+    DELETE /v1/sessions/{id}         end a conversation now (404 when there is none)
     GET  /healthz                    alive;  GET /readyz: Redis and the bucket reachable
 """
 
@@ -32,6 +33,7 @@ import grpc
 import redis
 import uvicorn
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile  # what request.form() returns
@@ -41,17 +43,18 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, Counter
 
 from services.common.images import MAX_IMAGE_BYTES
-from services.common.protos import jobs_pb2, jobs_pb2_grpc, service_name
+from services.common.protos import jobs_pb2, jobs_pb2_grpc, llm_pb2, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.errors import status_for
 from services.common.rpc.logs import configure_logging
 from services.common.rpc.metrics import Metrics
 from services.common.storage import ObjectStore, StorageConfig, StorageError
 from services.llm.engine import InputError
+from services.llm.sessions import SessionNotFound
 from services.orchestrator.jobs import JobStore, NoOutput, QueueFull, is_terminal
 from services.orchestrator.metrics import GatewayMetrics
-from services.orchestrator.plan import WORKFLOW_NAMES, plan_job
-from services.orchestrator.settings import QUEUE, TASK, OrchestratorSettings
+from services.orchestrator.plan import WORKFLOW_NAMES, check_session_id, plan_job
+from services.orchestrator.settings import CONTROL_QUEUE, DELETE_SESSION_TASK, QUEUE, TASK, OrchestratorSettings
 
 log = logging.getLogger("bagel.gateway")
 
@@ -136,6 +139,19 @@ class Gateway:
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self.jobs.request_cancel(job_id)
 
+    def delete_session(self, session_id: str, timeout: float = 60.0) -> None:
+        """Through a worker (only workers reach the LLM service), waiting for its answer."""
+        check_session_id(session_id)
+        result = self.celery.send_task(DELETE_SESSION_TASK, args=[session_id], queue=CONTROL_QUEUE)
+        try:
+            deleted = result.get(timeout=timeout)
+        except CeleryTimeout:
+            raise StorageError(f"no worker ended session {session_id!r} within {timeout:.0f} s; retry") from None
+        finally:
+            result.forget()
+        if not deleted:
+            raise SessionNotFound(session_id)
+
     def image(self, job_id: str) -> bytes:
         job = self.jobs.get(job_id)
         if not job.result.image_key:
@@ -194,6 +210,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def Cancel(self, request, context):
         return self.g.cancel(request.id)
+
+    def DeleteSession(self, request, context):
+        self.g.delete_session(request.session_id)
+        return llm_pb2.DeleteSessionResponse(deleted=True)
 
 
 def _remaining(context) -> float | None:
@@ -284,6 +304,11 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str):
         return _job_json(g.cancel(job_id))
+
+    @app.delete("/v1/sessions/{session_id}")
+    def end_session(session_id: str):
+        g.delete_session(session_id)
+        return {"deleted": True}
 
     @app.get("/healthz")
     def healthz():

@@ -55,8 +55,8 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
     if req.workflow in NEEDS_IMAGE and not has_image and not follow_up:
         raise InputError(f"{WORKFLOW_NAMES[req.workflow]} needs an input image (`image` or `image_key`; a "
                          "follow-up question in a session may leave it out)")
-    if req.session_id and (len(req.session_id) > MAX_SESSION_ID or not req.session_id.isprintable()):
-        raise InputError(f"session_id: 1-{MAX_SESSION_ID} printable characters")
+    if req.session_id:
+        check_session_id(req.session_id)
     if req.session_ttl_seconds and not req.session_id:
         raise InputError("session_ttl_seconds: set session_id too")
     if req.workflow == jobs_pb2.WORKFLOW_GENERATE and has_image:
@@ -65,6 +65,11 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
         raise InputError("set `image` or `image_key`, not both")
     if req.workflow == jobs_pb2.WORKFLOW_UNDERSTAND and req.HasField("image_params"):
         raise InputError("image_params: understand produces text; use text_params")
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id or len(session_id) > MAX_SESSION_ID or not session_id.isprintable():
+        raise InputError(f"session_id: 1-{MAX_SESSION_ID} printable characters")
 
 
 @lru_cache(maxsize=1)

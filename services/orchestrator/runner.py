@@ -26,7 +26,7 @@ import torch
 
 from services.common.images import ImageError
 from services.common.storage import BadObjectKey, ObjectNotFound, ObjectStore, StorageConfig, StorageError
-from services.common.protos import jobs_pb2
+from services.common.protos import jobs_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Cancelled, Controls, InputError, Progress
 from services.orchestrator import workflows as wf
 from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal
@@ -133,6 +133,16 @@ def execute(job_id: str, rt: Runtime) -> None:
         rt.metrics.running.dec()
         _count_end(rt, job_id)
     return
+
+
+def delete_session(session_id: str, rt: Runtime) -> bool:
+    """End a session on the LLM service; False when it had no such session."""
+    s = rt.settings
+    metadata = (("authorization", f"Bearer {s.auth_token}"),) if s.auth_token else ()
+    with grpc.insecure_channel(s.llm_addr) as channel:
+        reply = llm_pb2_grpc.LLMServiceStub(channel).DeleteSession(
+            llm_pb2.DeleteSessionRequest(session_id=session_id), metadata=metadata, timeout=30)
+    return reply.deleted
 
 
 def _count_end(rt: Runtime, job_id: str) -> None:

@@ -9,7 +9,10 @@ from typing import Mapping
 from services.common.config import env_int
 
 QUEUE = "bagel-jobs"      # the Celery queue (a Redis list of that name)
-TASK = "bagel.run_job"    # the one task: run a job by id
+TASK = "bagel.run_job"    # run a job by id
+# Short control tasks (ending a session) go to their own queue, so they do not wait behind queued jobs.
+CONTROL_QUEUE = "bagel-control"
+DELETE_SESSION_TASK = "bagel.delete_session"
 
 
 @dataclass(frozen=True)

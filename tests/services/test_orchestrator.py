@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from services.common.protos import jobs_pb2, jobs_pb2_grpc
+from services.common.protos import jobs_pb2, jobs_pb2_grpc, llm_pb2
 from services.llm.engine import ImageParams, TextParams
 from services.orchestrator import gateway as gateway_module
 from services.orchestrator import workflows as wf
@@ -521,6 +521,13 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     assert r.status_code == 400 and "session" in r.json()["message"]
     r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "session_id": "bad\nid"})
     assert r.status_code == 400 and "session_id" in r.json()["message"]
+    # Ending it: once (its KV blocks go at once), then it is unknown, over both fronts.
+    assert orch.http.delete("/v1/sessions/chat-7").json() == {"deleted": True}
+    r = orch.http.delete("/v1/sessions/chat-7")
+    assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+    expect_status(grpc.StatusCode.NOT_FOUND, orch.stub.DeleteSession, llm_pb2.DeleteSessionRequest(session_id="nope"))
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.DeleteSession,
+                  llm_pb2.DeleteSessionRequest(session_id="x" * 300))
 
 
 def test_metrics_count_submissions_and_finished_jobs(orch):
