@@ -125,8 +125,9 @@ class Gateway:
     def get(self, job_id: str, inline_image: bool = False) -> jobs_pb2.Job:
         return self._with_image(self.jobs.get(job_id), inline_image)
 
-    def watch(self, job_id: str, timeout: float | None, inline_image: bool = False) -> Iterator[jobs_pb2.Job]:
-        for job in self.jobs.watch(job_id, timeout):
+    def watch(self, job_id: str, timeout: float | None, inline_image: bool = False,
+              alive=None) -> Iterator[jobs_pb2.Job]:
+        for job in self.jobs.watch(job_id, timeout, alive=alive):
             yield self._with_image(job, inline_image)
 
     def wait(self, job_id: str, timeout: float, inline_image: bool = False) -> jobs_pb2.Job:
@@ -197,7 +198,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                     log.warning("could not cancel an abandoned run", exc_info=True, extra={"job_id": job.id})
 
         context.add_callback(on_done)
-        for update in self.g.watch(job.id, _remaining(context), request.inline_image):
+        # No timeout of our own: the caller's deadline ends the call (DEADLINE_EXCEEDED), gRPC enforces it.
+        for update in self.g.watch(job.id, None, request.inline_image, alive=context.is_active):
             if is_terminal(update):
                 ended.set()
             yield update
@@ -206,7 +208,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return self.g.get(request.id, request.inline_image)
 
     def Watch(self, request, context):
-        yield from self.g.watch(request.id, _remaining(context), request.inline_image)
+        yield from self.g.watch(request.id, None, request.inline_image, alive=context.is_active)
 
     def Cancel(self, request, context):
         return self.g.cancel(request.id)
@@ -214,11 +216,6 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def DeleteSession(self, request, context):
         self.g.delete_session(request.session_id)
         return llm_pb2.DeleteSessionResponse(deleted=True)
-
-
-def _remaining(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else max(0.0, remaining)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------

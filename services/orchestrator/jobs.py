@@ -217,10 +217,12 @@ class JobStore:
         self._release(keys=[self.key(job_id) + ":lease"], args=[worker])
 
     # ---- following a job ----
-    def watch(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> Iterator[jobs_pb2.Job]:
-        """The job now, then after every change, until it ends or `timeout` seconds pass. Subscribes before
-        reading, so no change between the read and the subscription is missed; re-reads every poll_s in
-        case a message was dropped (pub/sub does not queue for a reconnecting subscriber)."""
+    def watch(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0,
+              alive: Callable[[], bool] | None = None) -> Iterator[jobs_pb2.Job]:
+        """The job now, then after every change, until it ends, `timeout` seconds pass, or `alive()` turns
+        False (the watcher went away). Subscribes before reading, so no change between the read and the
+        subscription is missed; re-reads every poll_s in case a message was dropped (pub/sub does not
+        queue for a reconnecting subscriber)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel(job_id))
@@ -229,7 +231,7 @@ class JobStore:
             yield last
             while not is_terminal(last):
                 wait = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
-                if wait <= 0:
+                if wait <= 0 or (alive is not None and not alive()):
                     return
                 msg = pubsub.get_message(timeout=wait)
                 job = jobs_pb2.Job.FromString(msg["data"]) if msg else self.get(job_id)
