@@ -254,16 +254,22 @@ DECODE_SWEEP = [(1, 64, 4, 3, None), (1, 64, 4, 3, True), (1, 128, 4, 3, None), 
                 (0.5, 64, 4, 3, None), (2, 64, 4, 3, None), (0.25, 64, 4, 3, None)]
 
 
+def make_vit_inputs(case: Case, dtype, device):
+    """Packed q, k, v [T, H, D] of the case's images, cu_seqlens, the longest image, and the FLOPs of the
+    real head dim (the kernel's in-register padding is not counted)."""
+    t = sum(case.vit_lens)
+    q, k, v = (torch.randn(t, case.hq, case.d, dtype=dtype, device=device) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(case.vit_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    flops = 4.0 * sum(n * n for n in case.vit_lens) * case.hq * case.d
+    return q, k, v, cu, max(case.vit_lens), flops
+
+
 def sweep_case(case: Case, args, dtype, device) -> None:
     """Time the Triton kernel itself (CUDA graph) over launch configs, each checked against sdpa."""
     scale = 1.0 / math.sqrt(case.d)
     sdpa_be = SDPABackend()
     if case.kind == "vit":
-        t = sum(case.vit_lens)
-        q, k, v = (torch.randn(t, case.hq, case.d, dtype=dtype, device=device) for _ in range(3))
-        cu = torch.tensor([0, *torch.tensor(case.vit_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        mx = max(case.vit_lens)
-        flops = 4.0 * sum(n * n for n in case.vit_lens) * case.hq * case.d
+        q, k, v, cu, mx, flops = make_vit_inputs(case, dtype, device)
         ref = sdpa_be.varlen_attention(q, k, v, cu, mx, scale).float()
         variants = [(f"BM{bm} BN{bn} w{w} s{st}",
                      lambda bm=bm, bn=bn, w=w, st=st: triton_varlen(q, k, v, cu, mx, scale, block_m=bm, block_n=bn,
@@ -305,11 +311,7 @@ def run_case(case: Case, args, dtype, device) -> list[dict]:
     rows = []
     scale = 1.0 / math.sqrt(case.d)
     if case.kind == "vit":
-        t = sum(case.vit_lens)
-        q, k, v = (torch.randn(t, case.hq, case.d, dtype=dtype, device=device) for _ in range(3))
-        cu = torch.tensor([0, *torch.tensor(case.vit_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        mx = max(case.vit_lens)
-        flops = 4.0 * sum(n * n for n in case.vit_lens) * case.hq * case.d
+        q, k, v, cu, mx, flops = make_vit_inputs(case, dtype, device)
         kv_bytes = None
         fns = {"triton": ((lambda: triton_be.varlen_attention(q, k, v, cu, mx, scale)), None),
                "sdpa": ((lambda: sdpa_be.varlen_attention(q, k, v, cu, mx, scale)), None)}

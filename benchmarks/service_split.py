@@ -56,8 +56,7 @@ PROMPT = "A photograph of a small red boat on a calm lake at sunrise, mist over 
 # ---- the servers, as separate processes -------------------------------------------------------------
 def start_servers(ckpt: Path, s3, bucket: str, log_dir: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
     cfg = s3.config(bucket)
-    env = {**os.environ, "BAGEL_S3_ENDPOINT": cfg.endpoint, "BAGEL_S3_ACCESS_KEY": cfg.access_key,
-           "BAGEL_S3_SECRET_KEY": cfg.secret_key, "BAGEL_S3_BUCKET": bucket, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **cfg.to_env(), "PYTHONPATH": str(ROOT)}
     addresses, procs = {}, []
     for name in ("vit", "vae", "llm"):
         port = free_port()

@@ -39,6 +39,27 @@ def _no_leaked_kv_blocks(request):
 
 
 @pytest.fixture()
+def cancel_at_step():
+    """cancel_at_step(n) -> (controls, steps): Controls that record each progress step and ask to cancel
+    when step n is reported."""
+    def make(n: int):
+        from services.llm.engine import Controls
+
+        steps: list[int] = []
+        controls = Controls()
+
+        def on_progress(p):
+            steps.append(p.step)
+            if p.step == n:
+                controls.cancel.set()
+
+        controls.on_progress = on_progress
+        return controls, steps
+
+    return make
+
+
+@pytest.fixture()
 def engine(llm):
     """A private engine on the shared model: its own KV cache, checked empty after the test."""
     from services.llm.attention import SDPABackend

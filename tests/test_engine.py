@@ -190,16 +190,8 @@ def test_think_mode_retokenizes_the_thought_into_cond_only(llm):
 
 
 # ---- cancellation -----------------------------------------------------------------------------------
-def test_cancel_stops_between_steps_and_frees_blocks(llm):
-    steps = []
-    controls = Controls()
-
-    def on_progress(p):
-        steps.append(p.step)
-        if p.step == 2:
-            controls.cancel.set()
-
-    controls.on_progress = on_progress
+def test_cancel_stops_between_steps_and_frees_blocks(llm, cancel_at_step):
+    controls, steps = cancel_at_step(2)
     with pytest.raises(Cancelled):
         llm.generate_image(edit_items(llm), ImageParams.for_edit(64, 64, num_timesteps=10, seed=0), controls=controls)
     assert steps == [1, 2]

@@ -247,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     s3 = start_local_s3(args.dir, access_key=args.access_key, secret_key=args.secret_key, host=args.host,
                         port=args.port, buckets=(args.bucket,), prefer=args.prefer)
     print(f"# {s3.kind} serving {s3.directory} at http://{s3.endpoint} (Ctrl-C stops it)")
-    print(f"export BAGEL_S3_ENDPOINT={s3.endpoint}\nexport BAGEL_S3_ACCESS_KEY={s3.access_key}\n"
-          f"export BAGEL_S3_SECRET_KEY={s3.secret_key}\nexport BAGEL_S3_BUCKET={args.bucket}\n"
-          f"export BAGEL_S3_SECURE=0", flush=True)
+    print("\n".join(f"export {k}={v}" for k, v in s3.config(args.bucket).to_env().items()), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         s3.process.wait()

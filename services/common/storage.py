@@ -79,6 +79,12 @@ class StorageConfig:
                    secure=env.get("BAGEL_S3_SECURE", secure_default).lower() in ("1", "true", "yes"),
                    region=env.get("BAGEL_S3_REGION", "us-east-1"))
 
+    def to_env(self) -> dict[str, str]:
+        """The BAGEL_S3_* variables that from_env() reads back as this config (for child processes)."""
+        return {"BAGEL_S3_ENDPOINT": self.endpoint, "BAGEL_S3_ACCESS_KEY": self.access_key,
+                "BAGEL_S3_SECRET_KEY": self.secret_key, "BAGEL_S3_BUCKET": self.bucket,
+                "BAGEL_S3_SECURE": "1" if self.secure else "0", "BAGEL_S3_REGION": self.region}
+
 
 # ---- keys ----------------------------------------------------------------------------------------
 def check_key(key: str) -> str:

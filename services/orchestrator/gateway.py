@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile  # what request.form() returns
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2, jobs_pb2_grpc, llm_pb2, service_name
@@ -235,10 +235,8 @@ def _wait_param(value: str | None) -> float | None:
     return wait
 
 
-def build_http_app(g: Gateway, auth_token: str | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
     app = FastAPI(title="bagel-serve gateway", docs_url=None, redoc_url=None)
-    requests_total = Counter("bagel_http_requests", "HTTP requests, by route and status", ["route", "status"],
-                             registry=registry) if registry is not None else None
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -257,9 +255,9 @@ def build_http_app(g: Gateway, auth_token: str | None = None, registry: Collecto
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error with its status
             response = _error_json(exc)
-        if requests_total is not None:
+        if g.metrics is not None:
             route = request.scope.get("route")
-            requests_total.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+            g.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -404,7 +402,7 @@ class GatewayProcess:
         self.http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.http_socket.bind((host, http_port))
         self.http_port = self.http_socket.getsockname()[1]
-        config = uvicorn.Config(build_http_app(gateway, auth_token, self.grpc.metrics.registry), log_config=None, access_log=False,
+        config = uvicorn.Config(build_http_app(gateway, auth_token), log_config=None, access_log=False,
                                 timeout_graceful_shutdown=10)
         self.http = uvicorn.Server(config)
         self._http_thread: threading.Thread | None = None

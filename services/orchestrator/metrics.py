@@ -16,6 +16,8 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry, queue_depth=None):
         self.submitted = Counter("bagel_jobs_submitted", "job submissions, by workflow and result "
                                  "(accepted, duplicate, refused)", ["workflow", "result"], registry=registry)
+        self.http_requests = Counter("bagel_http_requests", "HTTP requests, by route and status",
+                                     ["route", "status"], registry=registry)
         if queue_depth is not None:
             gauge = Gauge("bagel_jobs_queued", "job messages waiting in the queue", registry=registry)
             gauge.set_function(lambda: _or_nan(queue_depth))

@@ -79,12 +79,11 @@ def _tokenizer() -> BagelTokenizer:
     return BagelTokenizer(packaged_tokenizer_dir())
 
 
-def check_context(req: jobs_pb2.SubmitJobRequest, image: Image.Image | None, cfg: BagelConfig) -> None:
-    """Refuse a prompt that cannot fit the model's context with its images, as the LLM would (it checks
-    again against its own KV cache and adds what decoding needs)."""
+def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, cfg: BagelConfig) -> None:
+    """Refuse a prompt that cannot fit the model's context with its (VAE-resized) image, as the LLM would
+    (it checks again against its own KV cache and adds what decoding needs)."""
     total = len(_tokenizer().encode(req.prompt)) + 2
-    if image is not None:
-        resized = vae_resize(image)
+    if resized is not None:
         w, h = vit_resize(resized).size
         total += (w // cfg.vit.patch_size) * (h // cfg.vit.patch_size) + 2
         if req.workflow == jobs_pb2.WORKFLOW_EDIT:
@@ -100,7 +99,8 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     """The workflow's arguments; raises InputError (or ImageError) naming the bad field."""
     check_request(req)
     image = load_image(image_bytes) if image_bytes is not None else None
-    check_context(req, image, cfg)
+    resized = vae_resize(image) if image is not None else None  # the size every later rule reads
+    check_context(req, resized, cfg)
     name = WORKFLOW_NAMES[req.workflow]
     session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
     if name == "understand":
@@ -112,9 +112,9 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     if msg.preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
         msg.preset = llm_pb2.IMAGE_PRESET_EDIT if name == "edit" else llm_pb2.IMAGE_PRESET_GENERATE
     if name == "edit":
-        if image is None:
+        if resized is None:
             raise InputError("edit needs an input image")
-        w, h = vae_resize(image).size
+        w, h = resized.size
         for field, size in (("width", w), ("height", h)):
             if msg.HasField(field) and getattr(msg, field) != size:
                 raise InputError(f"image_params.{field}: an edit's output has the input's size after the VAE "

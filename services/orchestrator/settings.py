@@ -49,3 +49,14 @@ class OrchestratorSettings:
                    call_timeout_s=env_int("BAGEL_JOB_CALL_TIMEOUT", d.call_timeout_s, env, 1),
                    job_ttl_s=env_int("BAGEL_JOB_TTL_SECONDS", d.job_ttl_s, env, 60),
                    max_queued=env_int("BAGEL_MAX_QUEUED_JOBS", d.max_queued, env, 1))
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that from_env() reads back as these settings (for worker and gateway processes)."""
+        env = {"BAGEL_REDIS_URL": self.redis_url, "BAGEL_VIT_ADDR": self.vit_addr, "BAGEL_VAE_ADDR": self.vae_addr,
+               "BAGEL_LLM_ADDR": self.llm_addr, "BAGEL_JOB_VISIBILITY_TIMEOUT": str(self.visibility_timeout_s),
+               "BAGEL_JOB_LEASE_SECONDS": str(self.lease_s), "BAGEL_JOB_MAX_RETRIES": str(self.max_retries),
+               "BAGEL_JOB_CALL_TIMEOUT": str(self.call_timeout_s), "BAGEL_JOB_TTL_SECONDS": str(self.job_ttl_s),
+               "BAGEL_MAX_QUEUED_JOBS": str(self.max_queued)}
+        if self.auth_token:
+            env["BAGEL_AUTH_TOKEN"] = self.auth_token
+        return env

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.redis_local import LocalRedis, start_local_redis
 from services.common.s3_local import LocalS3, free_port, start_local_s3
+from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("bagel.stack")
 MODEL_SERVERS = ("vit", "vae", "llm")
@@ -61,14 +62,10 @@ class LocalStack:
             (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
             self.redis = start_local_redis(self.workdir / "redis")
             self.s3 = start_local_s3(self.workdir / "s3", buckets=(self.bucket,))
-            cfg = self.s3.config(self.bucket)
             self.ports = {name: free_port() for name in (*MODEL_SERVERS, "http", "grpc")}
-            self.env = {**os.environ, "BAGEL_REDIS_URL": self.redis.url, "BAGEL_S3_ENDPOINT": cfg.endpoint,
-                        "BAGEL_S3_ACCESS_KEY": cfg.access_key, "BAGEL_S3_SECRET_KEY": cfg.secret_key,
-                        "BAGEL_S3_BUCKET": self.bucket, "BAGEL_S3_SECURE": "0",
-                        **{f"BAGEL_{n.upper()}_ADDR": f"127.0.0.1:{self.ports[n]}" for n in MODEL_SERVERS}}
-            if self.auth_token:
-                self.env["BAGEL_AUTH_TOKEN"] = self.auth_token
+            settings = OrchestratorSettings(redis_url=self.redis.url, auth_token=self.auth_token,
+                                            **{f"{n}_addr": f"127.0.0.1:{self.ports[n]}" for n in MODEL_SERVERS})
+            self.env = {**os.environ, **settings.to_env(), **self.s3.config(self.bucket).to_env()}
             for name in MODEL_SERVERS:
                 self._spawn(name, "serve", name, "--host", "127.0.0.1", "--port", str(self.ports[name]),
                             "--checkpoint", self.checkpoint, "--device", self.device, "--drain-seconds", "0",

@@ -83,27 +83,25 @@ def make_server(tiny_ckpt):
 
 
 def _shared(kind, tiny_ckpt, store):
+    """A session-long server of one kind: yields it started and loaded, stops it after the session."""
     module = SERVER_MODULES[kind]
     server = module.build_server(_options(), tiny_ckpt.config, store)
     server.start()
     server.load(lambda: module.load_engine(tiny_ckpt))
-    return Started(server, grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    s = Started(server, grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    yield s
+    s.channel.close()
+    s.server.stop(grace=0, drain_seconds=0)
 
 
 @pytest.fixture(scope="session")
 def vit_server(tiny_ckpt, store):
-    s = _shared("vit", tiny_ckpt, store)
-    yield s
-    s.channel.close()
-    s.server.stop(grace=0, drain_seconds=0)
+    yield from _shared("vit", tiny_ckpt, store)
 
 
 @pytest.fixture(scope="session")
 def vae_server(tiny_ckpt, store):
-    s = _shared("vae", tiny_ckpt, store)
-    yield s
-    s.channel.close()
-    s.server.stop(grace=0, drain_seconds=0)
+    yield from _shared("vae", tiny_ckpt, store)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from services.common.images import vae_resize
 from services.common.protos import common_pb2, llm_pb2
 from services.llm import convert
-from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams, VAEImageItem
+from services.llm.engine import Cancelled, ImageParams, InputError, TextItem, TextParams, VAEImageItem
 from services.llm.server import LLM_SERVICE
 from services.orchestrator import workflows as wf
 from services.orchestrator.remote import RemoteViTImageItem, remote_clients
@@ -80,16 +80,8 @@ def test_features_travel_by_key_not_through_the_orchestrator(remote, clients):
     assert got.text == clients.llm.understand([local, TextItem("describe it")], TextParams(max_new_tokens=4)).text
 
 
-def test_progress_cancel_and_errors_reach_the_workflow(remote, llm_server):
-    steps = []
-    controls = Controls()
-
-    def on_progress(p):
-        steps.append(p.step)
-        if p.step == 2:
-            controls.cancel.set()
-
-    controls.on_progress = on_progress
+def test_progress_cancel_and_errors_reach_the_workflow(remote, llm_server, cancel_at_step):
+    controls, steps = cancel_at_step(2)
     with pytest.raises(Cancelled):
         wf.generate(remote, "x", ImageParams(width=64, height=64, num_timesteps=500, seed=0), controls=controls)
     assert steps[:2] == [1, 2]

@@ -39,17 +39,6 @@ def settings_for(redis_server, vit, vae, llm_address, **overrides) -> Orchestrat
     return OrchestratorSettings(**{**base, **overrides})
 
 
-def worker_env(settings: OrchestratorSettings, store) -> dict[str, str]:
-    cfg = store.cfg
-    return {**os.environ, "BAGEL_REDIS_URL": settings.redis_url, "BAGEL_VIT_ADDR": settings.vit_addr,
-            "BAGEL_VAE_ADDR": settings.vae_addr, "BAGEL_LLM_ADDR": settings.llm_addr,
-            "BAGEL_S3_ENDPOINT": cfg.endpoint, "BAGEL_S3_ACCESS_KEY": cfg.access_key,
-            "BAGEL_S3_SECRET_KEY": cfg.secret_key, "BAGEL_S3_BUCKET": cfg.bucket, "BAGEL_S3_SECURE": "0",
-            "BAGEL_JOB_LEASE_SECONDS": str(settings.lease_s),
-            "BAGEL_JOB_VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
-            "BAGEL_JOB_MAX_RETRIES": str(settings.max_retries), "BAGEL_JOB_CALL_TIMEOUT": str(settings.call_timeout_s)}
-
-
 class WorkerProcess:
     """`bagel-serve worker` as its own process, configured through the environment as in a deployment."""
 
@@ -62,7 +51,7 @@ class WorkerProcess:
         self.metrics_port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--concurrency",
                                       str(concurrency), "--log-level", "WARNING", "--metrics-port",
-                                      str(self.metrics_port)], env=worker_env(settings, store),
+                                      str(self.metrics_port)], env={**os.environ, **settings.to_env(), **store.cfg.to_env()},
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def scrape(self, timeout: float = 60.0) -> str:
@@ -481,6 +470,11 @@ def test_settings_from_the_environment_name_the_bad_variable():
     s = OrchestratorSettings.from_env(env)
     assert (s.redis_url, s.llm_addr, s.max_retries, s.auth_token) == ("redis://r:6379/2", "llm:1", 0, None)
     assert s.lease_s == OrchestratorSettings().lease_s  # unset: the default
+    # What the local stack and the tests hand to worker processes reads back as the same settings.
+    custom = OrchestratorSettings(redis_url="redis://x:1/4", vit_addr="v:1", auth_token="t", lease_s=7,
+                                  visibility_timeout_s=9, max_retries=0, call_timeout_s=11, job_ttl_s=61,
+                                  max_queued=3)
+    assert OrchestratorSettings.from_env(custom.to_env()) == custom
     for name, value, message in (("BAGEL_JOB_LEASE_SECONDS", "0", "must be at least 1"),
                                  ("BAGEL_MAX_QUEUED_JOBS", "many", "must be an integer"),
                                  ("BAGEL_JOB_TTL_SECONDS", "5", "must be at least 60")):

@@ -50,8 +50,7 @@ def _wait_for(lines, msg, timeout=60):
 def test_serve_command_serves_until_sigterm(tiny_ckpt_dir, s3, store):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_S3_")}
     cfg = s3.config(store.bucket)
-    env.update(BAGEL_S3_ENDPOINT=cfg.endpoint, BAGEL_S3_ACCESS_KEY=cfg.access_key, BAGEL_S3_SECRET_KEY=cfg.secret_key,
-               BAGEL_S3_BUCKET=cfg.bucket)
+    env.update(cfg.to_env())
     cmd = [sys.executable, "-m", "services.serve", "vit", "--host", "127.0.0.1", "--port", "0",
            "--checkpoint", str(tiny_ckpt_dir), "--drain-seconds", "0.2", "--grace-seconds", "2", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -74,6 +74,9 @@ def test_config_from_env():
     assert (cfg.endpoint, cfg.access_key, cfg.secret_key, cfg.bucket, cfg.secure) == ("s3.local:9000", "a", "b",
                                                                                       "bk", True)
     assert StorageConfig.from_env({"BAGEL_S3_ENDPOINT": "minio:9000"}).secure is False
+    # to_env() is what child processes get: it must read back as the same config, https included.
+    for original in (cfg, StorageConfig("minio:9000", "k", "s", "b2", secure=False, region="eu-west-1")):
+        assert StorageConfig.from_env(original.to_env()) == original
 
 
 def test_encode_png_is_lossless():
