@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -147,12 +148,23 @@ def test_http_text_to_image_equals_in_process(orch, clients):
 
 
 def test_http_events_follow_a_job_to_its_end(orch):
-    job = orch.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "watch me",
-                                           "image_params": {"width": 32, "height": 32, "num_timesteps": 5}}).json()
-    with orch.http.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+    # The job is recorded but not queued, and runs only once the stream has delivered its first event: a
+    # small job queued at once can end before the stream opens, and then only its ending is seen.
+    request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="watch me",
+                                        image_params={"width": 32, "height": 32, "num_timesteps": 5})
+    job_id = orch.jobs.create(request).job.id
+    runner = threading.Thread(target=execute, args=(job_id, orch.app.bagel_runtime))
+    events = []
+    with orch.http.stream("GET", f"/v1/jobs/{job_id}/events") as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[0]["id"] == job["id"] and events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if len(events) == 1:
+                    runner.start()
+    runner.join(timeout=60)
+    assert events[0]["id"] == job_id and events[0]["state"] == "JOB_STATE_QUEUED"
+    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"
     steps = [e["progress"].get("step", 0) for e in events if e["progress"]["stage"] == "denoise"]
     assert steps == sorted(steps) and steps[-1] == 4  # 5 timesteps = 4 model steps, in order
     assert orch.http.get("/v1/jobs/0123abcd/events").status_code == 404
