@@ -181,6 +181,27 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         self._call(f"delete {self.bucket}/{key}", self.client.remove_object, self.bucket, check_key(key))
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (which must end with '/': a whole folder, never a name's prefix)."""
+        if not prefix.endswith("/"):
+            raise BadObjectKey(f"a key prefix must end with '/': {prefix!r}")
+        check_key(prefix + "x")
+        listing = self._call(f"list {self.bucket}/{prefix}", self.client.list_objects, self.bucket,
+                             prefix=prefix, recursive=True)
+        return self._call(f"list {self.bucket}/{prefix}", lambda: [o.object_name for o in listing])
+
+    def delete_prefix(self, prefix: str, keep: frozenset[str] | set[str] = frozenset()) -> int:
+        """Delete every object under `prefix` except the keys in `keep`; returns how many were deleted.
+        One DELETE per object: a job has a handful, and s3rver (the local stack's server) fails S3's
+        multi-object delete of two or more keys in one folder."""
+        doomed = [k for k in self.keys(prefix) if k not in keep]
+        for key in doomed:
+            try:
+                self.delete(key)
+            except ObjectNotFound:
+                pass  # deleted meanwhile (another sweep): the goal is met
+        return len(doomed)
+
     # ---- typed objects ---------------------------------------------------------------------------
     def put_tensor(self, key: str, tensor: torch.Tensor) -> None:
         self.put_bytes(key, tensor_to_safetensors(tensor), "application/vnd.safetensors")

@@ -5,12 +5,13 @@
 Delivery is at-least-once and a job is never dropped: the task message is acknowledged only after the
 job has ended (acks_late), a worker takes one message at a time (prefetch 1), and a message whose
 worker died goes back to the queue after the visibility timeout; runner.py's lease makes a second
-delivery harmless. Job state and results live in the job records (jobs.py), not in Celery's backend.
+delivery harmless, and the janitor (janitor.py) queues the job of a dead worker again well before that.
+Job state and results live in the job records (jobs.py), not in Celery's backend.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
 from services.orchestrator.runner import Runtime, delete_session, execute
 from services.orchestrator.settings import DELETE_SESSION_TASK, QUEUE, TASK, OrchestratorSettings
@@ -40,6 +41,20 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
     @app.task(name=TASK, bind=True, shared=False)  # shared=False: not added to apps made later
     def run_job(self, job_id: str) -> None:
         execute(job_id, self.app.bagel_runtime)
+
+    # Every worker process runs the janitor (one sweep at a time across them, under a Redis lock).
+    def start_janitor(sender, **_):
+        if sender.app is app:
+            rt = app.bagel_runtime
+            app.bagel_janitor = rt.janitor(lambda job_id: run_job.apply_async(args=[job_id], queue=QUEUE))
+            app.bagel_janitor.start(rt.settings.sweep_s)
+
+    def stop_janitor(sender, **_):
+        if sender.app is app and getattr(app, "bagel_janitor", None) is not None:
+            app.bagel_janitor.stop()
+
+    signals.worker_ready.connect(start_janitor, weak=False)
+    signals.worker_shutdown.connect(stop_janitor, weak=False)
 
     # The gateway waits for this one's answer (through the result backend); nothing to redo if lost.
     @app.task(name=DELETE_SESSION_TASK, bind=True, shared=False, ignore_result=False, acks_late=False)

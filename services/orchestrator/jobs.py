@@ -11,6 +11,10 @@ Keys (prefix `bagel:`):
                       taken over by the next delivery of its message
     job:{id}:events   pub/sub channel: the Job after every change
     idem:{key}        idempotency key -> job id
+    running           set: ids of jobs a worker has started and not ended (the janitor looks here for
+                      jobs whose worker died)
+    ended             sorted set: id -> end time (the janitor deletes their objects once the record
+                      has expired)
 
 Records of finished jobs expire after `ttl_seconds` (default one day); running ones never do.
 """
@@ -27,6 +31,7 @@ import redis
 from services.common.protos import jobs_pb2
 
 PREFIX = "bagel:"
+RUNNING_SET, ENDED_ZSET = f"{PREFIX}running", f"{PREFIX}ended"
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in jobs_pb2.JobState.items()}
 _ID_CHARS = frozenset("0123456789abcdef-")
@@ -130,8 +135,12 @@ class JobStore:
             pipe.multi()
             if changed["yes"]:
                 pipe.hset(key, "job", job.SerializeToString())
+                if job.state == jobs_pb2.JOB_STATE_RUNNING:
+                    pipe.sadd(RUNNING_SET, job_id)
                 if is_terminal(job):
                     pipe.expire(key, self.ttl)
+                    pipe.srem(RUNNING_SET, job_id)
+                    pipe.zadd(ENDED_ZSET, {job_id: job.finished_at})
             return job
 
         job = self.r.transaction(transaction, key, value_from_callable=True)
@@ -205,6 +214,53 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancel") == b"1"
+
+    # ---- jobs whose worker died, and ended jobs whose objects can go (janitor.py) ----
+    def started_ids(self) -> list[str]:
+        """Jobs a worker has started and not ended (RUNNING, or QUEUED waiting for a retry)."""
+        return sorted(m.decode() for m in self.r.smembers(RUNNING_SET))
+
+    def rescue(self, job_id: str) -> bool:
+        """A started job whose lease has lapsed (its worker died) goes back to QUEUED, to be queued again.
+        False when there is nothing to rescue: it ended, or a worker holds its lease."""
+        key, lease = self.key(job_id), self.key(job_id) + ":lease"
+        rescued: dict[str, jobs_pb2.Job] = {}
+
+        def change(pipe: redis.client.Pipeline) -> None:
+            rescued.clear()  # a transaction retried after a concurrent change starts over
+            raw, held = pipe.hget(key, "job"), pipe.exists(lease)
+            job = None if raw is None else jobs_pb2.Job.FromString(raw)
+            pipe.multi()
+            if job is None or is_terminal(job):
+                pipe.srem(RUNNING_SET, job_id)  # ended (or expired) without leaving the set
+            elif not held:
+                job.state = jobs_pb2.JOB_STATE_QUEUED
+                job.progress.CopyFrom(jobs_pb2.JobProgress(stage="queued"))
+                job.error.CopyFrom(jobs_pb2.JobError(code="UNAVAILABLE",
+                                                     message="its worker stopped renewing its lease; queued again"))
+                pipe.hset(key, "job", job.SerializeToString())
+                pipe.srem(RUNNING_SET, job_id)
+                rescued["job"] = job
+
+        self.r.transaction(change, key, lease)
+        if "job" in rescued:
+            self._publish(rescued["job"])
+        return "job" in rescued
+
+    def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
+        return [m.decode() for m in self.r.zrangebyscore(ENDED_ZSET, "-inf", cutoff, start=0, num=limit)]
+
+    def forget_ended(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.r.zrem(ENDED_ZSET, *job_ids)
+
+    # ---- a named lock (the janitor's: one sweep at a time across workers) ----
+    def try_lock(self, name: str, ttl_s: float) -> str | None:
+        token = uuid.uuid4().hex
+        return token if self.r.set(f"{PREFIX}{name}", token, nx=True, px=int(ttl_s * 1000)) else None
+
+    def unlock(self, name: str, token: str) -> None:
+        self._release(keys=[f"{PREFIX}{name}"], args=[token])
 
     # ---- leases: one worker at a time per job ----
     def acquire_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:

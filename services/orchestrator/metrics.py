@@ -33,6 +33,11 @@ class WorkerMetrics:
         self.retries = Counter("bagel_job_retries", "transient failures retried, by status code", ["code"],
                                registry=r)
         self.running = Gauge("bagel_jobs_running", "jobs this worker runs now", registry=r)
+        self.rescued = Counter("bagel_jobs_rescued", "jobs queued again by this worker's janitor because "
+                               "their worker stopped renewing its lease", registry=r)
+        self.objects_deleted = Counter("bagel_objects_deleted", "job objects deleted from the bucket "
+                                       "(intermediates at the job's end, the rest when its record expires)",
+                                       registry=r)
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int | None:

@@ -4,7 +4,9 @@ the outcome. Kept apart from the Celery wiring (celery_app.py) so the rules read
 - One worker at a time per job: a lease in Redis, renewed while the job runs. A second delivery of the
   same message (the broker redelivers unacknowledged messages after the visibility timeout) finds the
   lease held and waits: for the job to end, or for the lease to lapse because its worker died, and
-  then takes the job over. Nothing goes back through a delayed message, so nothing can get lost there.
+  then takes the job over. Sooner than that, the janitor (janitor.py) queues a job whose lease lapsed
+  again. A worker that finds its own lease lost (it stalled) stops working on the job without ending it.
+  Nothing goes back through a delayed message, so nothing can get lost there.
 - Every failure ends the job with a status code, except transient ones (a model service restarting,
   storage unreachable), which show the job QUEUED again and retry it up to `max_retries` times with
   backoff, in the same worker.
@@ -19,6 +21,7 @@ import threading
 import time
 import uuid
 from functools import cached_property
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -29,6 +32,7 @@ from services.common.storage import BadObjectKey, ObjectNotFound, ObjectStore, S
 from services.common.protos import jobs_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Cancelled, Controls, InputError, Progress
 from services.orchestrator import workflows as wf
+from services.orchestrator.janitor import Janitor, Sweep, job_prefix
 from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal
 from services.orchestrator.metrics import WorkerMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, plan_job
@@ -68,6 +72,13 @@ class Runtime:
             raise RuntimeError("the orchestrator needs object storage: set BAGEL_S3_ENDPOINT and its credentials")
         return ObjectStore(cfg)
 
+    def janitor(self, requeue: Callable[[str], None]) -> Janitor:
+        def count(sweep: Sweep) -> None:
+            self.metrics.rescued.inc(len(sweep.rescued))
+            self.metrics.objects_deleted.inc(sweep.objects)
+
+        return Janitor(self.jobs, self.store, requeue, on_sweep=count)
+
 
 def execute(job_id: str, rt: Runtime) -> None:
     """Run the job to its end (or leave it to the worker that owns it)."""
@@ -94,6 +105,8 @@ def execute(job_id: str, rt: Runtime) -> None:
     rt.metrics.running.inc()
     try:
         while True:
+            if watcher.lost.is_set():
+                return  # (waiting for a retry) the janitor gave the job to another worker
             job = jobs.start(job_id)
             if job is None:
                 return  # ended meanwhile (cancelled while waiting to retry, say)
@@ -105,8 +118,8 @@ def execute(job_id: str, rt: Runtime) -> None:
                     jobs.fail(job_id, e.code, f"{e} (after {job.attempts} attempts)")
                     return
                 # Wait here, lease held and renewed, rather than through a delayed message: the job stays
-                # owned, a cancellation ends the wait, and a worker that dies meanwhile is covered by
-                # the redelivery of the unacknowledged message.
+                # owned, a cancellation ends the wait, and a worker that dies meanwhile is covered like
+                # one that dies mid-run (the janitor, or the redelivery of the unacknowledged message).
                 delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
                 jobs.requeue(job_id, f"{e.code}: {e}")
                 rt.metrics.retries.labels(e.code).inc()
@@ -116,22 +129,20 @@ def execute(job_id: str, rt: Runtime) -> None:
             jobs.succeed(job_id, result)
             log.info("job succeeded", extra={"job_id": job_id})
             return
-    except Cancelled:
-        jobs.fail(job_id, "CANCELLED", "cancelled")
-    except (InputError, ImageError, BadObjectKey) as e:
-        jobs.fail(job_id, "INVALID_ARGUMENT", str(e))
-    except ObjectNotFound as e:
-        jobs.fail(job_id, "NOT_FOUND", str(e))
-    except grpc.RpcError as e:
-        jobs.fail(job_id, e.code().name, e.details() or e.code().name)
     except Exception as e:  # noqa: BLE001 - a job must end, whatever broke
-        log.exception("job failed", extra={"job_id": job_id})
-        jobs.fail(job_id, "INTERNAL", f"{type(e).__name__}: {e}")
+        if watcher.lost.is_set():
+            # This worker stalled past its lease and the job was queued again: the new owner ends it.
+            log.warning("job given up: its lease was lost", extra={"job_id": job_id})
+            return
+        code, message = _failure(e)
+        if code == "INTERNAL":
+            log.exception("job failed", extra={"job_id": job_id})
+        jobs.fail(job_id, code, message)
     finally:
         watcher.stop()
         jobs.release_lease(job_id, worker)
         rt.metrics.running.dec()
-        _count_end(rt, job_id)
+        _after_end(rt, job_id)
     return
 
 
@@ -145,16 +156,37 @@ def delete_session(session_id: str, rt: Runtime) -> bool:
     return reply.deleted
 
 
-def _count_end(rt: Runtime, job_id: str) -> None:
+def _failure(e: Exception) -> tuple[str, str]:
+    """The status code and message a job ends with."""
+    if isinstance(e, Cancelled):
+        return "CANCELLED", "cancelled"
+    if isinstance(e, (InputError, ImageError, BadObjectKey)):
+        return "INVALID_ARGUMENT", str(e)
+    if isinstance(e, ObjectNotFound):
+        return "NOT_FOUND", str(e)
+    if isinstance(e, grpc.RpcError):
+        return e.code().name, e.details() or e.code().name
+    return "INTERNAL", f"{type(e).__name__}: {e}"
+
+
+def _after_end(rt: Runtime, job_id: str) -> None:
+    """Metrics, and the job's objects other than its output deleted (the janitor deletes the output when
+    the record expires). Best effort: the job's outcome is already recorded."""
     try:
         job = rt.jobs.get(job_id)
-    except Exception:  # noqa: BLE001 - metrics are best effort
+    except Exception:  # noqa: BLE001
         return
-    if is_terminal(job):
-        workflow, state = WORKFLOW_NAMES.get(job.workflow, "unknown"), STATE_NAMES[job.state]
-        rt.metrics.finished.labels(workflow, state).inc()
-        if job.started_at:
-            rt.metrics.seconds.labels(workflow, state).observe(job.finished_at - job.started_at)
+    if not is_terminal(job):
+        return  # another worker owns it now
+    workflow, state = WORKFLOW_NAMES.get(job.workflow, "unknown"), STATE_NAMES[job.state]
+    rt.metrics.finished.labels(workflow, state).inc()
+    if job.started_at:
+        rt.metrics.seconds.labels(workflow, state).observe(job.finished_at - job.started_at)
+    try:
+        keep = {job.result.image_key} if job.result.image_key else set()
+        rt.metrics.objects_deleted.inc(rt.store.delete_prefix(job_prefix(job_id), keep=keep))
+    except Exception:  # noqa: BLE001 - left for the janitor, once the record expires
+        log.warning("job objects not deleted", exc_info=True, extra={"job_id": job_id})
 
 
 def run(job_id: str, rt: Runtime, controls: Controls) -> jobs_pb2.JobResult:
@@ -192,7 +224,7 @@ def _run_plan(plan: JobPlan, clients, controls: Controls, store: ObjectStore, jo
         out = wf.edit(clients, plan.image, plan.prompt, plan.image_params, plan.think, plan.text_params, controls,
                       plan.session)
     controls.check()
-    key = f"jobs/{job_id}/output.png"
+    key = job_prefix(job_id) + "output.png"
     store.put_png(key, out.pixels)
     h, w = out.pixels.shape[:2]
     result = jobs_pb2.JobResult(image_key=key, width=w, height=h, think=out.think or "")
@@ -224,6 +256,7 @@ class Watcher:
         self.jobs, self.job_id, self.worker, self.lease_s = jobs, job_id, worker, lease_s
         self.controls = Controls(on_progress=self._progress)
         self._stop = threading.Event()
+        self.lost = threading.Event()  # the lease lapsed and the job may be someone else's now
         self._thread = threading.Thread(target=self._loop, name=f"watch-{job_id[:8]}", daemon=True)
         self._last: tuple[str, float] = ("", 0.0)
 
@@ -243,12 +276,18 @@ class Watcher:
                     self.controls.cancel.set()
                 if time.monotonic() - last_renew >= renew_every:
                     if not self.jobs.renew_lease(self.job_id, self.worker, self.lease_s):
+                        # Stop working on it: the janitor may already have queued it again.
                         log.warning("job lease lost", extra={"job_id": self.job_id})
+                        self.lost.set()
+                        self.controls.cancel.set()
+                        return
                     last_renew = time.monotonic()
             except Exception:  # noqa: BLE001 - Redis blips must not kill the job; the next round retries
                 log.warning("job watcher round failed", exc_info=True, extra={"job_id": self.job_id})
 
     def _progress(self, p: Progress) -> None:
+        if self.lost.is_set():
+            return  # the job may run elsewhere now: its record is not ours to write
         now = time.monotonic()
         stage, at = self._last
         if p.stage == stage and now - at < PROGRESS_INTERVAL_S and p.step < p.total:

@@ -31,12 +31,13 @@ class OrchestratorSettings:
     call_timeout_s: int = 1800        # per gRPC call to a model server
     job_ttl_s: int = 86400            # finished job records (and their idempotency keys) kept this long
     max_queued: int = 1000            # the gateway refuses new jobs (RESOURCE_EXHAUSTED / 429) beyond it
+    sweep_s: int = 15                 # the workers' janitor: orphaned jobs queued again, expired objects deleted
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OrchestratorSettings":
         """BAGEL_REDIS_URL, BAGEL_{VIT,VAE,LLM}_ADDR, BAGEL_AUTH_TOKEN, BAGEL_JOB_VISIBILITY_TIMEOUT,
         BAGEL_JOB_LEASE_SECONDS, BAGEL_JOB_MAX_RETRIES, BAGEL_JOB_CALL_TIMEOUT, BAGEL_JOB_TTL_SECONDS,
-        BAGEL_MAX_QUEUED_JOBS."""
+        BAGEL_MAX_QUEUED_JOBS, BAGEL_JOB_SWEEP_SECONDS."""
         env = os.environ if env is None else env
         d = cls()
         return cls(redis_url=env.get("BAGEL_REDIS_URL", d.redis_url).strip() or d.redis_url,
@@ -48,7 +49,8 @@ class OrchestratorSettings:
                    max_retries=env_int("BAGEL_JOB_MAX_RETRIES", d.max_retries, env, 0),
                    call_timeout_s=env_int("BAGEL_JOB_CALL_TIMEOUT", d.call_timeout_s, env, 1),
                    job_ttl_s=env_int("BAGEL_JOB_TTL_SECONDS", d.job_ttl_s, env, 60),
-                   max_queued=env_int("BAGEL_MAX_QUEUED_JOBS", d.max_queued, env, 1))
+                   max_queued=env_int("BAGEL_MAX_QUEUED_JOBS", d.max_queued, env, 1),
+                   sweep_s=env_int("BAGEL_JOB_SWEEP_SECONDS", d.sweep_s, env, 1))
 
     def to_env(self) -> dict[str, str]:
         """The variables that from_env() reads back as these settings (for worker and gateway processes)."""
@@ -56,7 +58,7 @@ class OrchestratorSettings:
                "BAGEL_LLM_ADDR": self.llm_addr, "BAGEL_JOB_VISIBILITY_TIMEOUT": str(self.visibility_timeout_s),
                "BAGEL_JOB_LEASE_SECONDS": str(self.lease_s), "BAGEL_JOB_MAX_RETRIES": str(self.max_retries),
                "BAGEL_JOB_CALL_TIMEOUT": str(self.call_timeout_s), "BAGEL_JOB_TTL_SECONDS": str(self.job_ttl_s),
-               "BAGEL_MAX_QUEUED_JOBS": str(self.max_queued)}
+               "BAGEL_MAX_QUEUED_JOBS": str(self.max_queued), "BAGEL_JOB_SWEEP_SECONDS": str(self.sweep_s)}
         if self.auth_token:
             env["BAGEL_AUTH_TOKEN"] = self.auth_token
         return env

@@ -21,6 +21,7 @@ import pytest
 from services.common.protos import jobs_pb2, jobs_pb2_grpc, llm_pb2
 from services.llm.engine import ImageParams, TextParams
 from services.orchestrator import gateway as gateway_module
+from services.orchestrator import runner as runner_module
 from services.orchestrator import workflows as wf
 from services.orchestrator.celery_app import make_app
 from services.orchestrator.gateway import GatewayProcess, build_gateway
@@ -124,6 +125,13 @@ def wait_job(o: Orchestrator, job_id: str, predicate, timeout: float = 60.0) -> 
         time.sleep(0.05)
 
 
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -170,7 +178,7 @@ def test_http_events_follow_a_job_to_its_end(orch):
     assert orch.http.get("/v1/jobs/0123abcd/events").status_code == 404
 
 
-def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients):
+def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients, store):
     image = noise_image(24, 24, seed=9)  # the VAE resize makes it 512x512
     updates = list(orch.stub.Run(jobs_pb2.SubmitJobRequest(
         workflow=jobs_pb2.WORKFLOW_EDIT, image=png_bytes(image), prompt="make it blue",
@@ -183,9 +191,12 @@ def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients):
     want = wf.edit(clients, image, "make it blue", wf.edit_params(image, num_timesteps=3, seed=4))
     assert (final.result.width, final.result.height) == (512, 512)
     assert np.array_equal(decode_png(final.result.image_png), want.pixels)
+    # Its input, features and latents are deleted once it ends; the output stays until the record expires.
+    assert final.result.image_key == f"jobs/{final.id}/output.png"
+    wait_until(lambda: store.keys(f"jobs/{final.id}/") == [final.result.image_key])
 
 
-def test_grpc_submit_then_watch_an_understanding_job(orch, clients):
+def test_grpc_submit_then_watch_an_understanding_job(orch, clients, store):
     image = noise_image(24, 24, seed=3)
     job = orch.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_UNDERSTAND, image=png_bytes(image),
                                                      prompt="what is this?", think=True,
@@ -196,6 +207,7 @@ def test_grpc_submit_then_watch_an_understanding_job(orch, clients):
     assert final.state == SUCCEEDED
     assert (final.result.text, final.result.think, final.result.tokens) == (want.text, want.think or "", want.tokens)
     assert orch.stub.Get(jobs_pb2.GetJobRequest(id=job.id)) == final
+    wait_until(lambda: store.keys(f"jobs/{job.id}/") == [])  # an answer leaves no object behind
 
 
 def test_an_answer_streams_as_it_is_decoded(orch, clients):
@@ -427,11 +439,15 @@ def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_serve
         o.close()
 
 
-def test_a_job_whose_worker_dies_is_taken_over(redis_server, vit_server, vae_server, llm_server, store, clients):
-    """A worker process killed (SIGKILL) mid-job: the job's message is redelivered after the visibility
-    timeout, the dead worker's lease lapses, and another worker runs the job to the same result."""
+@pytest.mark.parametrize("by", ["janitor", "redelivery"])
+def test_a_job_whose_worker_dies_is_taken_over(by, redis_server, vit_server, vae_server, llm_server, store, clients):
+    """A worker process killed (SIGKILL) mid-job: its lease lapses, and another worker runs the job to the
+    same result. Either the janitor queues it again (visibility timeout an hour), or the broker redelivers
+    its unacknowledged message (janitor off)."""
+    timing = dict(visibility_timeout_s=3600, sweep_s=1) if by == "janitor" else dict(visibility_timeout_s=4,
+                                                                                      sweep_s=3600)
     s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
-                     redis_url=redis_server.url[:-1] + "5")
+                     redis_url=redis_server.url[:-1] + "5", **timing)
     doomed = WorkerProcess(s, store, concurrency=1)
     o = Orchestrator(s, store, worker=False)
     successor = None
@@ -448,12 +464,37 @@ def test_a_job_whose_worker_dies_is_taken_over(redis_server, vit_server, vae_ser
         want = wf.generate(clients, "survive", ImageParams(**params))
         got = o.http.get(f"/v1/jobs/{job.id}/image").content
         assert np.array_equal(decode_png(got), want.pixels)
+        rescued = metric_value(successor.scrape(), "bagel_jobs_rescued_total")
+        assert rescued == (1 if by == "janitor" else 0)
     finally:
         doomed.stop(kill=True)
         if successor is not None:
             successor.stop()
         o.jobs.r.flushdb()
         o.close()
+
+
+def test_a_worker_that_lost_its_lease_stops_without_ending_the_job(orch, monkeypatch):
+    """A worker that stalled past its lease (the job may be queued again and running elsewhere) stops
+    working on the job and leaves its record to the new owner."""
+    original = runner_module.Watcher._progress
+
+    def stall_at_first_denoise_step(watcher, p):
+        if p.stage == "denoise" and not watcher.lost.is_set():
+            # Stalled while the lease lapsed and another worker took the job: the watcher must notice.
+            orch.jobs.r.set(orch.jobs.key(watcher.job_id) + ":lease", "another-worker", px=60_000)
+            assert watcher.lost.wait(10)
+        original(watcher, p)
+
+    monkeypatch.setattr(runner_module.Watcher, "_progress", stall_at_first_denoise_step)
+    request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="stalled",
+                                        image_params={"width": 64, "height": 64, "num_timesteps": 10})
+    job_id = orch.jobs.create(request).job.id  # not queued: only this test's runner takes it
+    execute(job_id, orch.app.bagel_runtime)
+    job = orch.jobs.get(job_id)
+    assert job.state == RUNNING and job.progress.stage == "encode"  # left as it was, for the new owner
+    assert orch.jobs.r.get(orch.jobs.key(job_id) + ":lease") == b"another-worker"
+    orch.jobs.fail(job_id, "CANCELLED", "test over")
 
 
 def test_a_synchronous_run_given_up_by_its_caller_is_cancelled(orch):
@@ -485,7 +526,7 @@ def test_settings_from_the_environment_name_the_bad_variable():
     # What the local stack and the tests hand to worker processes reads back as the same settings.
     custom = OrchestratorSettings(redis_url="redis://x:1/4", vit_addr="v:1", auth_token="t", lease_s=7,
                                   visibility_timeout_s=9, max_retries=0, call_timeout_s=11, job_ttl_s=61,
-                                  max_queued=3)
+                                  max_queued=3, sweep_s=2)
     assert OrchestratorSettings.from_env(custom.to_env()) == custom
     for name, value, message in (("BAGEL_JOB_LEASE_SECONDS", "0", "must be at least 1"),
                                  ("BAGEL_MAX_QUEUED_JOBS", "many", "must be an integer"),

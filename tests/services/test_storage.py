@@ -82,3 +82,18 @@ def test_config_from_env():
 def test_encode_png_is_lossless():
     pixels = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     assert np.array_equal(decode_png(encode_png(pixels)), pixels)
+
+
+def test_a_folder_is_listed_and_deleted_but_what_is_kept_stays(store):
+    folder = "jobs/folder-test/"
+    for name in ("input", "features/a.safetensors", "latents/b.safetensors", "output.png"):
+        store.put_bytes(folder + name, name.encode())
+    store.put_bytes("jobs/folder-test-2/input", b"a neighbour sharing the name's prefix")
+    assert sorted(store.keys(folder)) == [folder + n for n in
+                                          ("features/a.safetensors", "input", "latents/b.safetensors", "output.png")]
+    assert store.delete_prefix(folder, keep={folder + "output.png"}) == 3
+    assert store.keys(folder) == [folder + "output.png"] and store.get_bytes(folder + "output.png") == b"output.png"
+    assert store.exists("jobs/folder-test-2/input")
+    assert store.delete_prefix(folder) == 1 and store.keys(folder) == [] and store.delete_prefix(folder) == 0
+    with pytest.raises(BadObjectKey):
+        store.keys("jobs/folder-test")  # a name's prefix would also match jobs/folder-test-2/

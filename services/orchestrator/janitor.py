@@ -1,0 +1,89 @@
+"""Housekeeping that no single job does for itself, run by every worker process (one at a time, under a
+Redis lock) every `BAGEL_JOB_SWEEP_SECONDS`:
+
+- A job whose worker died mid-run (killed, node lost) keeps its task message unacknowledged; the broker
+  would only hand it out again after the visibility timeout (an hour by default). The janitor finds
+  such jobs sooner: started, not ended, and their lease lapsed (a live worker renews it every lease/3
+  seconds). It puts each back to QUEUED and queues a new message, so the job is taken over about
+  `lease + sweep` seconds after its worker died. The old message stays a backstop: if it is delivered
+  later, the job has ended or is leased, and that delivery does nothing.
+- The objects of a job (input, features, latents, output) are deleted once its record has expired:
+  nothing can ask for them after that. (The runner already deletes all but the output when a job ends.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from services.common.storage import ObjectStore
+from services.orchestrator.jobs import JobStore
+
+log = logging.getLogger("bagel.janitor")
+
+LOCK_NAME = "janitor"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+@dataclass
+class Sweep:
+    rescued: list[str] = field(default_factory=list)  # jobs queued again (their worker died)
+    purged: list[str] = field(default_factory=list)   # expired jobs whose objects were deleted
+    objects: int = 0                                  # objects deleted
+    skipped: bool = False                             # another worker holds the sweep lock
+
+
+class Janitor:
+    def __init__(self, jobs: JobStore, store: ObjectStore, requeue: Callable[[str], None],
+                 on_sweep: Callable[[Sweep], None] | None = None):
+        self.jobs, self.store, self.requeue, self.on_sweep = jobs, store, requeue, on_sweep
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self, now: float | None = None, lock_s: float = 60.0) -> Sweep:
+        """One round: rescue orphaned jobs, delete the objects of expired ones."""
+        token = self.jobs.try_lock(LOCK_NAME, lock_s)
+        if token is None:
+            return Sweep(skipped=True)
+        try:
+            out = Sweep()
+            for job_id in self.jobs.started_ids():
+                if self.jobs.rescue(job_id):
+                    # Marked QUEUED before the message is sent: were this process to die in between, the
+                    # job's original (unacknowledged) message still comes back after the visibility timeout.
+                    self.requeue(job_id)
+                    out.rescued.append(job_id)
+                    log.warning("job queued again: its worker stopped renewing the lease", extra={"job_id": job_id})
+            expired = self.jobs.ended_before((time.time() if now is None else now) - self.jobs.ttl)
+            for job_id in expired:
+                out.objects += self.store.delete_prefix(job_prefix(job_id))
+                out.purged.append(job_id)
+            self.jobs.forget_ended(out.purged)
+            if self.on_sweep is not None:
+                self.on_sweep(out)
+            return out
+        finally:
+            self.jobs.unlock(LOCK_NAME, token)
+
+    def start(self, interval_s: float) -> None:
+        """Sweep every `interval_s` seconds in a daemon thread until stop()."""
+        def loop():
+            while not self._stop.wait(interval_s):
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - Redis or storage away: the next round tries again
+                    log.warning("janitor sweep failed", exc_info=True)
+
+        self._thread = threading.Thread(target=loop, name="bagel-janitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

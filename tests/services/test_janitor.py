@@ -1,0 +1,92 @@
+"""The workers' janitor against a real redis-server and the local S3 server: jobs whose worker died are
+queued again, the objects of expired jobs are deleted, one sweep runs at a time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.common.protos import jobs_pb2
+from services.orchestrator.janitor import Janitor, job_prefix
+from services.orchestrator.jobs import JobStore
+
+QUEUED, RUNNING = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING
+
+
+@pytest.fixture()
+def jobs(redis_server):
+    store = JobStore.from_url(redis_server.url[:-1] + "6", ttl_seconds=600)
+    store.r.flushdb()
+    yield store
+    store.r.flushdb()
+
+
+@pytest.fixture()
+def janitor(jobs, store):
+    requeued: list[str] = []
+    j = Janitor(jobs, store, requeued.append)
+    j.requeued = requeued
+    return j
+
+
+def started_job(jobs: JobStore, worker: str = "w1", lease_s: float = 30) -> str:
+    job_id = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x")).job.id
+    assert jobs.acquire_lease(job_id, worker, lease_s)
+    assert jobs.start(job_id).state == RUNNING
+    return job_id
+
+
+def test_a_job_whose_lease_lapsed_is_queued_again_once(jobs, janitor):
+    alive, dead = started_job(jobs, "w1"), started_job(jobs, "w2", lease_s=0.2)
+    queued = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="y")).job.id
+    assert set(jobs.started_ids()) == {alive, dead}  # a job never started is the queue's business
+    time.sleep(0.3)  # w2's lease lapses: it stopped renewing
+    sweep = janitor.sweep()
+    assert sweep.rescued == [dead] and janitor.requeued == [dead]
+    job = jobs.get(dead)
+    assert job.state == QUEUED and job.error.code == "UNAVAILABLE" and "lease" in job.error.message
+    assert jobs.get(alive).state == RUNNING and jobs.get(queued).state == QUEUED
+    assert jobs.started_ids() == [alive]
+    assert janitor.sweep().rescued == [] and janitor.requeued == [dead]  # queued again once, not every sweep
+    # The new message's worker takes it: running again, watched again.
+    assert jobs.acquire_lease(dead, "w3", 30) and jobs.start(dead).attempts == 2
+    assert set(jobs.started_ids()) == {alive, dead}
+
+
+def test_ended_jobs_leave_the_started_set(jobs, janitor):
+    job_id = started_job(jobs)
+    jobs.succeed(job_id, jobs_pb2.JobResult(text="done"))
+    assert jobs.started_ids() == []
+    jobs.release_lease(job_id, "w1")
+    assert janitor.sweep().rescued == []
+
+
+def test_a_job_waiting_for_a_retry_is_not_taken_from_its_living_worker(jobs, janitor):
+    job_id = started_job(jobs)
+    jobs.requeue(job_id, "UNAVAILABLE: vae restarting")  # QUEUED, lease still held by w1
+    assert janitor.sweep().rescued == [] and jobs.get(job_id).error.message.startswith("retrying")
+
+
+def test_objects_of_expired_jobs_are_deleted(jobs, janitor, store):
+    old, recent = started_job(jobs), started_job(jobs)
+    for job_id in (old, recent):
+        store.put_bytes(job_prefix(job_id) + "input", b"in")
+        store.put_bytes(job_prefix(job_id) + "output.png", b"out")
+        jobs.fail(job_id, "CANCELLED", "cancelled")
+        time.sleep(0.05)
+    expiry = {job_id: jobs.get(job_id).finished_at + jobs.ttl for job_id in (old, recent)}
+    assert janitor.sweep(now=expiry[old] - 1).purged == []  # records still readable: objects kept
+    sweep = janitor.sweep(now=expiry[old] + 0.01)  # past old's expiry, not recent's
+    assert sweep.purged == [old] and sweep.objects == 2
+    assert store.keys(job_prefix(old)) == [] and len(store.keys(job_prefix(recent))) == 2
+    assert janitor.sweep(now=expiry[old] + 0.01).purged == []  # forgotten once purged
+    assert janitor.sweep(now=expiry[recent] + 0.01).purged == [recent] and store.keys(job_prefix(recent)) == []
+
+
+def test_one_sweep_at_a_time(jobs, janitor, store):
+    token = jobs.try_lock("janitor", 30)
+    assert janitor.sweep().skipped
+    jobs.unlock("janitor", token)
+    assert not janitor.sweep().skipped
+    assert jobs.try_lock("janitor", 30) is not None  # the sweep let go of its lock
