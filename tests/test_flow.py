@@ -33,6 +33,18 @@ def test_cfg_interval_is_open_below_closed_above():
     assert cfg_active(0.0001, (0.0, 1.0)) and not cfg_active(0.0, (0.0, 1.0))
 
 
+def test_cfg_interval_bounds_compare_in_float32_as_the_reference():
+    # 100 timesteps, shift 3: step 81 is float32(0.4). The reference tests `t > 0.4` on a float32
+    # tensor, which is False there; in float64 it would be True (0.4000000059604645 > 0.4).
+    t, _ = timestep_schedule(100, 3.0)
+    on_bound = [i for i, x in enumerate(t) if x == torch.tensor(0.4)]
+    assert on_bound == [81] and t[81].item() > 0.4
+    assert [cfg_active(x.item(), (0.4, 1.0)) for x in t] == [bool(x > 0.4) and bool(x <= 1.0) for x in t]
+    assert not cfg_active(t[81].item(), (0.4, 1.0)) and cfg_active(t[80].item(), (0.4, 1.0))
+    # The LLM service gets the bounds as proto floats (float32): the same decision either way.
+    assert cfg_active(t[81].item(), (0.4000000059604645, 1.0)) == cfg_active(t[81].item(), (0.4, 1.0))
+
+
 def test_global_renorm_against_direct_computation():
     v, vt, vi = vecs(0)
     got = apply_cfg(v, vt, vi, 4.0, 2.0, "global", 0.0)

@@ -16,8 +16,14 @@ def timestep_schedule(num_timesteps: int, shift: float) -> tuple[torch.Tensor, t
 
 
 def cfg_active(t: float, interval: tuple[float, float]) -> bool:
-    """CFG applies only when interval_lo < t <= interval_hi (t is the shifted timestep)."""
-    return interval[0] < t <= interval[1]
+    """CFG applies only when interval_lo < t <= interval_hi (t is the shifted timestep).
+
+    Compared in float32, as the reference compares its float32 timestep tensor with the Python floats
+    of the interval (`t > 0.4` rounds 0.4 to float32). In float64 a timestep that lands on a bound
+    would differ: with 100 timesteps and shift 3, step 81 is float32(0.4), where the reference (and
+    the LLM service, which receives the bounds as proto floats) has guidance off."""
+    t32, lo, hi = (torch.tensor(v, dtype=torch.float32) for v in (t, *interval))
+    return bool(lo < t32) and bool(t32 <= hi)
 
 
 def apply_cfg(v: torch.Tensor, v_notext: torch.Tensor | None, v_noimg: torch.Tensor | None,
