@@ -85,15 +85,35 @@ class Gateway:
             self.metrics.submitted.labels(WORKFLOW_NAMES.get(req.workflow, "unknown"), result).inc()
 
     def submit(self, req: jobs_pb2.SubmitJobRequest) -> jobs_pb2.Job:
+        return self._counted_submit(req, uuid.uuid4().hex)[0]
+
+    def run(self, req: jobs_pb2.SubmitJobRequest, inline_image: bool = False,
+            alive=None) -> tuple[jobs_pb2.Job, Iterator[jobs_pb2.Job]]:
+        """Submit and follow: the accepted job and its updates, from QUEUED through every change to its
+        end. The subscription is made before the job is queued, so a fast worker's first changes are
+        not missed. A duplicate (idempotency key) is followed from its state now."""
+        job_id = uuid.uuid4().hex
+        subscription = self.jobs.subscribe(job_id)
         try:
-            job, new = self._submit(req)
+            job, new = self._counted_submit(req, job_id)
+        except Exception:
+            subscription.close()
+            raise
+        if not new:
+            subscription.close()
+        updates = self.jobs.watch(job.id, None, alive=alive, since=(subscription, job) if new else None)
+        return job, (self._with_image(update, inline_image) for update in updates)
+
+    def _counted_submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool]:
+        try:
+            job, new = self._submit(req, job_id)
         except Exception:
             self._count(req, "refused")
             raise
         self._count(req, "accepted" if new else "duplicate")
-        return job
+        return job, new
 
-    def _submit(self, req: jobs_pb2.SubmitJobRequest) -> tuple[jobs_pb2.Job, bool]:
+    def _submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool]:
         image = req.image or None
         if req.image_key:
             image = self.store.get_bytes(req.image_key, max_bytes=MAX_IMAGE_BYTES)  # NOT_FOUND if missing
@@ -102,15 +122,13 @@ class Gateway:
             raise QueueFull(f"{self.settings.max_queued} jobs are waiting; retry later")
         stored = jobs_pb2.SubmitJobRequest()
         stored.CopyFrom(req)
-        job_id = None
         if req.image:
-            job_id = uuid.uuid4().hex
             stored.image_key = f"jobs/{job_id}/input"
             stored.ClearField("image")
             self.store.put_bytes(stored.image_key, req.image)
         created = self.jobs.create(stored, job_id)
         if not created.new:
-            if job_id is not None:
+            if req.image:
                 self.store.delete(stored.image_key)  # the earlier job has its own copy
             return created.job, False
         try:
@@ -187,7 +205,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return self.g.submit(request)
 
     def Run(self, request, context):
-        job = self.g.submit(request)
+        job, updates = self.g.run(request, request.inline_image, alive=context.is_active)
         ended = threading.Event()
 
         def on_done():  # a caller that gives up on a synchronous run does not leave it running
@@ -199,7 +217,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
         context.add_callback(on_done)
         # No timeout of our own: the caller's deadline ends the call (DEADLINE_EXCEEDED), gRPC enforces it.
-        for update in self.g.watch(job.id, None, request.inline_image, alive=context.is_active):
+        for update in updates:
             if is_terminal(update):
                 ended.set()
             yield update

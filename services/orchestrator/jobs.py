@@ -273,23 +273,30 @@ class JobStore:
         self._release(keys=[self.key(job_id) + ":lease"], args=[worker])
 
     # ---- following a job ----
+    def subscribe(self, job_id: str) -> redis.client.PubSub:
+        """The job's change events, from now on (also for a job about to be created)."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel(job_id))
+        return pubsub
+
     def watch(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0,
-              alive: Callable[[], bool] | None = None) -> Iterator[jobs_pb2.Job]:
+              alive: Callable[[], bool] | None = None, since: tuple[redis.client.PubSub, jobs_pb2.Job] | None = None
+              ) -> Iterator[jobs_pb2.Job]:
         """The job now, then after every change, until it ends, `timeout` seconds pass, or `alive()` turns
         False (the watcher went away). Subscribes before reading, so no change between the read and the
         subscription is missed; re-reads every poll_s in case a message was dropped (pub/sub does not
-        queue for a reconnecting subscriber)."""
+        queue for a reconnecting subscriber). `since`: a subscription made before the job was created,
+        and the job as created, which is then the first update, followed by every change in order."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.channel(job_id))
+        pubsub = since[0] if since else self.subscribe(job_id)
         try:
-            last = self.get(job_id)
+            last = since[1] if since else self.get(job_id)
             yield last
             while not is_terminal(last):
                 wait = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
                 if wait <= 0 or (alive is not None and not alive()):
                     return
-                msg = pubsub.get_message(timeout=wait)
+                msg = _next_message(pubsub, wait)
                 job = jobs_pb2.Job.FromString(msg["data"]) if msg else self.get(job_id)
                 if job != last:
                     last = job
@@ -299,6 +306,17 @@ class JobStore:
 
     def _publish(self, job: jobs_pb2.Job) -> None:
         self.r.publish(self.channel(job.id), job.SerializeToString())
+
+
+def _next_message(pubsub: redis.client.PubSub, timeout: float) -> dict | None:
+    """The next published message, or None after `timeout` seconds without one. (get_message alone also
+    returns None for the subscription's confirmation, which would look like a quiet channel.)"""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        msg = pubsub.get_message(timeout=left)
+        if msg is not None:
+            return msg
+    return None
 
 
 def _end(job: jobs_pb2.Job, state: int, result: jobs_pb2.JobResult | None = None,

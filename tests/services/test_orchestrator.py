@@ -196,6 +196,19 @@ def test_grpc_run_streams_an_edit_and_equals_in_process(orch, clients, store):
     wait_until(lambda: store.keys(f"jobs/{final.id}/") == [final.result.image_key])
 
 
+def test_a_run_sees_every_change_even_of_a_job_that_ends_at_once(orch):
+    """Run subscribes before the job is queued: a caller that reads its updates only after the job has
+    ended (a fast worker, a slow caller) still gets every change, in order, starting QUEUED."""
+    request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="quick",
+                                        image_params={"width": 32, "height": 32, "num_timesteps": 4})
+    job, updates = orch.gateway.run(request)
+    wait_job(orch, job.id, lambda j: j.state == SUCCEEDED)
+    seen = list(updates)
+    assert [u.state for u in seen][:2] == [QUEUED, RUNNING] and seen[-1].state == SUCCEEDED
+    assert seen[-2].progress.stage == "decode"  # the last change before the end
+    assert [u.progress.step for u in seen if u.progress.stage == "denoise"][-1] == 3
+
+
 def test_grpc_submit_then_watch_an_understanding_job(orch, clients, store):
     image = noise_image(24, 24, seed=3)
     job = orch.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_UNDERSTAND, image=png_bytes(image),
@@ -452,7 +465,8 @@ def test_a_job_whose_worker_dies_is_taken_over(by, redis_server, vit_server, vae
     o = Orchestrator(s, store, worker=False)
     successor = None
     try:
-        params = {"width": 256, "height": 256, "num_timesteps": 40, "seed": 77}
+        # Long enough (seconds) that the kill lands mid-denoise even on a loaded machine.
+        params = {"width": 512, "height": 512, "num_timesteps": 100, "seed": 77}
         job = o.stub.Submit(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="survive",
                                                       image_params=params))
         wait_job(o, job.id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 2, timeout=90)
