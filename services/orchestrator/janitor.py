@@ -7,6 +7,8 @@ Redis lock) every `BAGEL_JOB_SWEEP_SECONDS`:
   seconds). It puts each back to QUEUED and queues a new message, so the job is taken over about
   `lease + sweep` seconds after its worker died. The old message stays a backstop: if it is delivered
   later, the job has ended or is leased, and that delivery does nothing.
+- A queued job past its deadline (`deadline_seconds`) ends FAILED / DEADLINE_EXCEEDED, rather than
+  when a worker reaches it in the queue. (A running one is stopped by its own worker.)
 - The objects of a job (input, features, latents, output) are deleted once its record has expired:
   nothing can ask for them after that. (The runner already deletes all but the output when a job ends.)
 """
@@ -34,6 +36,7 @@ def job_prefix(job_id: str) -> str:
 @dataclass
 class Sweep:
     rescued: list[str] = field(default_factory=list)  # jobs queued again (their worker died)
+    late: list[str] = field(default_factory=list)     # queued jobs ended past their deadline
     purged: list[str] = field(default_factory=list)   # expired jobs whose objects were deleted
     objects: int = 0                                  # objects deleted
     skipped: bool = False                             # another worker holds the sweep lock
@@ -60,6 +63,7 @@ class Janitor:
                     self.requeue(job_id)
                     out.rescued.append(job_id)
                     log.warning("job queued again: its worker stopped renewing the lease", extra={"job_id": job_id})
+            out.late = self.jobs.end_late_queued(now)
             expired = self.jobs.ended_before((time.time() if now is None else now) - self.jobs.ttl)
             for job_id in expired:
                 out.objects += self.store.delete_prefix(job_prefix(job_id))

@@ -15,6 +15,8 @@ Keys (prefix `bagel:`):
                       jobs whose worker died)
     ended             sorted set: id -> end time (the janitor deletes their objects once the record
                       has expired)
+    deadlines         sorted set: id -> deadline of jobs not ended that have one (the janitor ends
+                      queued ones past it)
 
 Records of finished jobs expire after `ttl_seconds` (default one day); running ones never do.
 """
@@ -31,7 +33,7 @@ import redis
 from services.common.protos import jobs_pb2
 
 PREFIX = "bagel:"
-RUNNING_SET, ENDED_ZSET = f"{PREFIX}running", f"{PREFIX}ended"
+RUNNING_SET, ENDED_ZSET, DEADLINE_ZSET = f"{PREFIX}running", f"{PREFIX}ended", f"{PREFIX}deadlines"
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in jobs_pb2.JobState.items()}
 _ID_CHARS = frozenset("0123456789abcdef-")
@@ -102,8 +104,12 @@ class JobStore:
                 self.r.set(idem, job_id, ex=self.ttl)
         job = jobs_pb2.Job(id=job_id, workflow=request.workflow, state=jobs_pb2.JOB_STATE_QUEUED,
                            progress=jobs_pb2.JobProgress(stage="queued"), created_at=time.time())
+        if request.deadline_seconds:
+            job.deadline_at = job.created_at + request.deadline_seconds
         self.r.hset(self.key(job_id), mapping={"job": job.SerializeToString(),
                                                "request": request.SerializeToString()})
+        if job.deadline_at:
+            self.r.zadd(DEADLINE_ZSET, {job_id: job.deadline_at})
         self._publish(job)
         return Created(job, new=True)
 
@@ -140,6 +146,7 @@ class JobStore:
                 if is_terminal(job):
                     pipe.expire(key, self.ttl)
                     pipe.srem(RUNNING_SET, job_id)
+                    pipe.zrem(DEADLINE_ZSET, job_id)
                     pipe.zadd(ENDED_ZSET, {job_id: job.finished_at})
             return job
 
@@ -159,6 +166,8 @@ class JobStore:
             if cancel:
                 _end(job, jobs_pb2.JOB_STATE_CANCELLED, error=("CANCELLED", "cancelled before it started"))
                 return None
+            if past_deadline(job):
+                return _end(job, jobs_pb2.JOB_STATE_FAILED, error=("DEADLINE_EXCEEDED", late_message(job)))
             job.state, job.attempts = jobs_pb2.JOB_STATE_RUNNING, job.attempts + 1
             job.started_at = job.started_at or time.time()
             job.progress.CopyFrom(jobs_pb2.JobProgress(stage="encode"))
@@ -247,6 +256,30 @@ class JobStore:
             self._publish(rescued["job"])
         return "job" in rescued
 
+    def end_late_queued(self, now: float | None = None, limit: int = 500) -> list[str]:
+        """Queued jobs past their deadline end FAILED / DEADLINE_EXCEEDED (running ones are stopped by
+        their worker). Returns the ids ended."""
+        now = time.time() if now is None else now
+        due = [m.decode() for m in self.r.zrangebyscore(DEADLINE_ZSET, "-inf", now, start=0, num=limit)]
+        ended: list[str] = []
+        for job_id in due:
+            this: dict[str, bool] = {}
+
+            def change(job: jobs_pb2.Job):
+                this.clear()  # a transaction retried after a concurrent change starts over
+                if job.state != jobs_pb2.JOB_STATE_QUEUED or not past_deadline(job, now):
+                    return False  # running: its worker stops it; ended: update() already dropped it
+                this["ended"] = True
+                return _end(job, jobs_pb2.JOB_STATE_FAILED, error=("DEADLINE_EXCEEDED", late_message(job)))
+
+            try:
+                self.update(job_id, change)
+            except JobNotFound:
+                self.r.zrem(DEADLINE_ZSET, job_id)  # expired record
+            if this:
+                ended.append(job_id)
+        return ended
+
     def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
         return [m.decode() for m in self.r.zrangebyscore(ENDED_ZSET, "-inf", cutoff, start=0, num=limit)]
 
@@ -306,6 +339,14 @@ class JobStore:
 
     def _publish(self, job: jobs_pb2.Job) -> None:
         self.r.publish(self.channel(job.id), job.SerializeToString())
+
+
+def past_deadline(job: jobs_pb2.Job, now: float | None = None) -> bool:
+    return bool(job.deadline_at) and (time.time() if now is None else now) >= job.deadline_at
+
+
+def late_message(job: jobs_pb2.Job) -> str:
+    return f"not finished within its deadline ({job.deadline_at - job.created_at:.0f} s after it was accepted)"
 
 
 def _next_message(pubsub: redis.client.PubSub, timeout: float) -> dict | None:

@@ -26,6 +26,7 @@ from services.orchestrator.workflows import SessionRef
 DEFAULT_CONFIG = preset("bagel-7b-mot")
 MAX_PROMPT_CHARS = 65536
 MAX_SESSION_ID = 256  # as the LLM service
+MAX_DEADLINE_S = 7 * 86400
 WORKFLOW_NAMES = {jobs_pb2.WORKFLOW_UNDERSTAND: "understand", jobs_pb2.WORKFLOW_GENERATE: "generate",
                   jobs_pb2.WORKFLOW_EDIT: "edit"}
 NEEDS_IMAGE = {jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_EDIT}
@@ -65,6 +66,8 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
         raise InputError("set `image` or `image_key`, not both")
     if req.workflow == jobs_pb2.WORKFLOW_UNDERSTAND and req.HasField("image_params"):
         raise InputError("image_params: understand produces text; use text_params")
+    if req.deadline_seconds > MAX_DEADLINE_S:
+        raise InputError(f"deadline_seconds: at most {MAX_DEADLINE_S} (7 days), got {req.deadline_seconds}")
 
 
 def check_session_id(session_id: str) -> None:

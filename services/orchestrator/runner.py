@@ -33,7 +33,7 @@ from services.common.protos import jobs_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Cancelled, Controls, InputError, Progress
 from services.orchestrator import workflows as wf
 from services.orchestrator.janitor import Janitor, Sweep, job_prefix
-from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal
+from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal, late_message
 from services.orchestrator.metrics import WorkerMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, plan_job
 from services.orchestrator.remote import remote_clients
@@ -100,7 +100,7 @@ def execute(job_id: str, rt: Runtime) -> None:
                 return
         except JobNotFound:
             return
-    watcher = Watcher(jobs, job_id, worker, s.lease_s)
+    watcher = Watcher(jobs, job_id, worker, s.lease_s, deadline_at=job.deadline_at)
     watcher.start()
     rt.metrics.running.inc()
     try:
@@ -135,6 +135,8 @@ def execute(job_id: str, rt: Runtime) -> None:
             log.warning("job given up: its lease was lost", extra={"job_id": job_id})
             return
         code, message = _failure(e)
+        if watcher.late.is_set():
+            code, message = "DEADLINE_EXCEEDED", late_message(jobs.get(job_id))
         if code == "INTERNAL":
             log.exception("job failed", extra={"job_id": job_id})
         jobs.fail(job_id, code, message)
@@ -252,8 +254,10 @@ class Watcher:
     """While a job runs: renews its lease, turns a cancellation request into controls.cancel, and writes
     progress to the job record (throttled)."""
 
-    def __init__(self, jobs: JobStore, job_id: str, worker: str, lease_s: float):
+    def __init__(self, jobs: JobStore, job_id: str, worker: str, lease_s: float, deadline_at: float = 0.0):
         self.jobs, self.job_id, self.worker, self.lease_s = jobs, job_id, worker, lease_s
+        self.deadline_at = deadline_at
+        self.late = threading.Event()  # the job's deadline passed: stopped, to end DEADLINE_EXCEEDED
         self.controls = Controls(on_progress=self._progress)
         self._stop = threading.Event()
         self.lost = threading.Event()  # the lease lapsed and the job may be someone else's now
@@ -272,6 +276,9 @@ class Watcher:
         renew_every, last_renew = self.lease_s / 3, time.monotonic()
         while not self._stop.wait(min(0.5, renew_every)):
             try:
+                if self.deadline_at and time.time() >= self.deadline_at and not self.controls.cancel.is_set():
+                    self.late.set()
+                    self.controls.cancel.set()
                 if self.jobs.cancel_requested(self.job_id):
                     self.controls.cancel.set()
                 if time.monotonic() - last_renew >= renew_every:

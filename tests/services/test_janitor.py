@@ -90,3 +90,32 @@ def test_one_sweep_at_a_time(jobs, janitor, store):
     jobs.unlock("janitor", token)
     assert not janitor.sweep().skipped
     assert jobs.try_lock("janitor", 30) is not None  # the sweep let go of its lock
+
+
+def test_a_queued_job_past_its_deadline_ends_there(jobs, janitor):
+    late = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x",
+                                                 deadline_seconds=60)).job
+    patient = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="y")).job
+    running = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="z",
+                                                    deadline_seconds=60)).job
+    assert jobs.acquire_lease(running.id, "w1", 600) and jobs.start(running.id).state == RUNNING
+    assert late.deadline_at == pytest.approx(late.created_at + 60) and patient.deadline_at == 0
+    assert janitor.sweep(now=late.deadline_at - 1).late == []
+    assert janitor.sweep(now=running.deadline_at + 1).late == [late.id]
+    job = jobs.get(late.id)
+    assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DEADLINE_EXCEEDED"
+    assert "60 s" in job.error.message
+    assert jobs.get(patient.id).state == QUEUED  # no deadline
+    assert jobs.get(running.id).state == RUNNING  # its worker stops it, not the janitor
+    jobs.succeed(running.id, jobs_pb2.JobResult(text="made it"))
+    assert jobs.r.zcard("bagel:deadlines") == 0  # ended jobs leave the deadline index
+
+
+def test_a_job_reached_after_its_deadline_never_starts(jobs):
+    job = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x",
+                                                deadline_seconds=1)).job
+    time.sleep(1.05)
+    assert jobs.acquire_lease(job.id, "w1", 30) and jobs.start(job.id) is None
+    ended = jobs.get(job.id)
+    assert ended.state == jobs_pb2.JOB_STATE_FAILED and ended.error.code == "DEADLINE_EXCEEDED"
+    assert ended.attempts == 0 and ended.started_at == 0

@@ -285,6 +285,7 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
         ({"workflow": "generate", "prompt": "x", "colour": "red"}, 400, "colour"),
         ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "missing.png"),
         ({"workflow": "edit", "image_key": "../etc/passwd", "prompt": "x"}, 400, "key"),
+        ({"workflow": "generate", "prompt": "x", "deadline_seconds": 10 ** 7}, 400, "deadline_seconds"),
     ]
     for body, status, message in cases:
         r = orch.http.post("/v1/jobs", json=body)
@@ -344,6 +345,22 @@ def test_cancelling_a_running_job_stops_it_and_frees_the_llm(orch, llm_server):
     final = wait_job(orch, job.id, lambda j: j.state in (CANCELLED, SUCCEEDED, FAILED), timeout=30)
     assert final.state == CANCELLED and final.error.code == "CANCELLED"
     assert final.progress.step < 399 if final.progress.stage == "denoise" else True
+    engine = llm_server.slot.peek()
+    deadline = time.monotonic() + 10
+    while engine.cache.blocks_in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.cache.blocks_in_use == 0
+
+
+def test_a_running_job_past_its_deadline_stops_deadline_exceeded(orch, llm_server):
+    body = {"workflow": "generate", "prompt": "too late", "deadline_seconds": 3,
+            "image_params": {"width": 256, "height": 256, "num_timesteps": 1000, "seed": 3}}  # ~10 s of steps
+    job = orch.http.post("/v1/jobs", json=body).json()
+    assert job["deadline_at"] == pytest.approx(job["created_at"] + 3)
+    final = orch.http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+    assert final["state"] == "JOB_STATE_FAILED" and final["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert "3 s" in final["error"]["message"] and final["started_at"] > 0  # it ran, and was stopped
+    assert 3 <= final["finished_at"] - final["created_at"] < 10
     engine = llm_server.slot.peek()
     deadline = time.monotonic() + 10
     while engine.cache.blocks_in_use and time.monotonic() < deadline:
