@@ -104,15 +104,20 @@ def digest(*parts: bytes | str) -> str:
     return h.hexdigest()[:32]
 
 
+def job_prefix(job_id: str) -> str:
+    """The folder of everything a job stores (input, features, latents, output)."""
+    return f"jobs/{job_id}/"
+
+
 def output_key(kind: str, name: str, ext: str, *, job_id: str = "", request_id: str = "") -> str:
     """`jobs/{job_id}/{kind}/{name}.{ext}`, or under `requests/{request_id}/` when there is no job."""
     if job_id:
-        prefix = f"jobs/{job_id}"
+        prefix = job_prefix(job_id)
     elif request_id:
-        prefix = f"requests/{request_id}"
+        prefix = f"requests/{request_id}/"
     else:
         raise BadObjectKey("an output key needs a job id or a request id")
-    return check_key(f"{prefix}/{kind}/{name}.{ext}")
+    return check_key(f"{prefix}{kind}/{name}.{ext}")
 
 
 # ---- the store -----------------------------------------------------------------------------------
@@ -224,4 +229,4 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 __all__ = ["StorageConfig", "ObjectStore", "StorageError", "ObjectNotFound", "StorageNotConfigured",
-           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "output_key", "encode_png", "MAX_OBJECT_BYTES"]
+           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "job_prefix", "output_key", "encode_png", "MAX_OBJECT_BYTES"]

@@ -48,7 +48,7 @@ from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.errors import status_for
 from services.common.rpc.logs import configure_logging
 from services.common.rpc.metrics import Metrics
-from services.common.storage import ObjectStore, StorageConfig, StorageError
+from services.common.storage import ObjectStore, StorageConfig, StorageError, job_prefix
 from services.llm.engine import InputError
 from services.llm.sessions import SessionNotFound
 from services.orchestrator.jobs import JobStore, NoOutput, QueueFull, is_terminal
@@ -123,7 +123,7 @@ class Gateway:
         stored = jobs_pb2.SubmitJobRequest()
         stored.CopyFrom(req)
         if req.image:
-            stored.image_key = f"jobs/{job_id}/input"
+            stored.image_key = job_prefix(job_id) + "input"
             stored.ClearField("image")
             self.store.put_bytes(stored.image_key, req.image)
         created = self.jobs.create(stored, job_id)

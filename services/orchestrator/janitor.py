@@ -21,16 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.common.storage import ObjectStore
+from services.common.storage import ObjectStore, job_prefix
 from services.orchestrator.jobs import JobStore
 
 log = logging.getLogger("bagel.janitor")
 
 LOCK_NAME = "janitor"
-
-
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/"
 
 
 @dataclass

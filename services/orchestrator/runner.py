@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from services.common.images import ImageError
-from services.common.storage import BadObjectKey, ObjectNotFound, ObjectStore, StorageConfig, StorageError
+from services.common.storage import (BadObjectKey, ObjectNotFound, ObjectStore, StorageConfig, StorageError,
+                                     job_prefix)
 from services.common.protos import jobs_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import Cancelled, Controls, InputError, Progress
 from services.orchestrator import workflows as wf
-from services.orchestrator.janitor import Janitor, Sweep, job_prefix
+from services.orchestrator.janitor import Janitor, Sweep
 from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal, late_message
 from services.orchestrator.metrics import WorkerMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, plan_job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import urllib.request
 
 import grpc
@@ -51,3 +52,13 @@ def metric_value(text: str, name: str, **labels) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             return float(value)
     return 0.0
+
+
+def llm_kv_blocks_left(llm_server, timeout: float = 10.0) -> int:
+    """KV blocks the LLM server still holds once it has dropped cancelled requests (it does so at its
+    next step), or after `timeout` seconds."""
+    engine = llm_server.slot.peek()
+    deadline = time.monotonic() + timeout
+    while engine.cache.blocks_in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return engine.cache.blocks_in_use

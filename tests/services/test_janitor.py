@@ -8,7 +8,8 @@ import time
 import pytest
 
 from services.common.protos import jobs_pb2
-from services.orchestrator.janitor import Janitor, job_prefix
+from services.common.storage import job_prefix
+from services.orchestrator.janitor import Janitor
 from services.orchestrator.jobs import JobStore
 
 QUEUED, RUNNING = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING
