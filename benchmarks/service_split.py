@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from services.common.checkpoint import Checkpoint, init_checkpoint  # noqa: E402
 from services.common.s3_local import free_port, start_local_s3  # noqa: E402
 from services.common.storage import ObjectStore  # noqa: E402
-from services.llm.engine import ImageParams, TextItem  # noqa: E402
+from services.common.contracts import ImageParams, TextItem
 from services.llm.scheduler import Scheduler  # noqa: E402
 from services.orchestrator import workflows as wf  # noqa: E402
 from services.orchestrator.local import local_clients  # noqa: E402
@@ -164,11 +164,11 @@ class SchedulerLLM:
     def __init__(self, engine):
         self.scheduler = Scheduler(engine)
 
-    def generate_image(self, items, params, think=False, think_params=None, controls=None):
-        return self.scheduler.generate_image(items, params, think, think_params, controls).result()
+    def generate_image(self, items, params, think=False, think_params=None, controls=None, session=None):
+        return self.scheduler.generate_image(items, params, think, think_params, controls).result().result
 
-    def understand(self, items, params=None, think=False, controls=None):
-        return self.scheduler.understand(items, params, think, controls).result()
+    def understand(self, items, params=None, think=False, controls=None, session=None):
+        return self.scheduler.understand(items, params, think, controls).result().result
 
 
 class OneAtATime:
@@ -278,7 +278,7 @@ def run_benchmarks(args, ckpt: Path, s3, addresses: dict[str, str]) -> None:
     def short(c):
         return wf.generate(c, PROMPT, rps_params)
 
-    shaped = wf.Clients(vit=OneAtATime(local.vit), vae=OneAtATime(local.vae), llm=SchedulerLLM(local.llm))
+    shaped = wf.Clients(vit=OneAtATime(local.vit), vae=OneAtATime(local.vae), llm=SchedulerLLM(local.llm.engine))
     short(shaped)  # warm-up
     short(remote)
     print(f"\n### Throughput: text-to-image {args.rps_size}px, {args.rps_steps} timesteps, "

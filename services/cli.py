@@ -12,8 +12,8 @@ from pathlib import Path
 from services.common.checkpoint import Checkpoint, CheckpointError, init_checkpoint
 from services.common.config import PRESETS
 from services.common.images import ImageError, load_image
-from services.llm.engine import (ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, ImageParams, InputError, Progress,
-                                 TextParams)
+from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, ImageParams, InputError, Progress,
+                                       TextParams, THINK_TOKENS)
 
 USER_ERRORS = (InputError, ImageError, CheckpointError, FileNotFoundError)
 

@@ -26,7 +26,8 @@ def clients(tiny_ckpt_dir):
 
 @pytest.fixture(scope="session")
 def llm(clients):
-    return clients.llm
+    """The shared in-process LLM engine (model, tokenizer, KV cache)."""
+    return clients.llm.engine
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def _no_leaked_kv_blocks(request):
     """Every test that used the shared engine must leave no KV block behind."""
     yield
     if "llm" in request.fixturenames or "clients" in request.fixturenames:
-        engine = request.getfixturevalue("clients").llm
+        engine = request.getfixturevalue("clients").llm.engine
         assert engine.cache.blocks_in_use == 0, f"{engine.cache.blocks_in_use} KV blocks leaked"
 
 
@@ -43,7 +44,7 @@ def cancel_at_step():
     """cancel_at_step(n) -> (controls, steps): Controls that record each progress step and ask to cancel
     when step n is reported."""
     def make(n: int):
-        from services.llm.engine import Controls
+        from services.common.contracts import Controls
 
         steps: list[int] = []
         controls = Controls()

@@ -11,8 +11,9 @@ from PIL import Image
 
 from services.common.images import ImageError
 from services.llm.attention import SDPABackend
-from services.llm.engine import (CFGContexts, Controls, ImageParams, InputError, LLMEngine, TextItem, TextParams,
-                                 VAEImageItem, ViTImageItem, Cancelled, GENERATE_THINK_PROMPT)
+from services.llm.engine import CFGContexts, GENERATE_THINK_PROMPT, LLMEngine
+from services.common.contracts import (Cancelled, Controls, ImageParams, InputError, TextItem, TextParams,
+                                       VAEImageItem, ViTImageItem)
 from services.orchestrator import workflows as wf
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.images import (VAE_RESIZE, VIT_RESIZE, ImageError, load_image,
-                                    resize_image, resize_size, to_tensor, vae_resize, vit_resize)
+from services.common.images import (ImageError, load_image, resize_image, resize_size, VAE_RESIZE, vae_resize,
+                                    VIT_RESIZE, vit_resize)
+from services.common.tensor_codec import to_tensor
 
 
 def _png(img: Image.Image) -> bytes:

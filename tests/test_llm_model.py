@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from services.llm.attention import SDPABackend
-from services.llm.engine import Block, Controls, ImageParams, LLMEngine, TextItem, TextParams, ViTImageItem
+from services.llm.engine import Block, LLMEngine
+from services.common.contracts import Controls, ImageParams, TextItem, TextParams, ViTImageItem
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +132,7 @@ def test_routing_sends_only_latent_tokens_to_gen_weights(llm):
     states unchanged in the first layer's und path but changes the latent tokens'."""
     other = _perturbed_gen_engine(llm)
     latent = torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(6))
-    from services.llm.engine import VAEImageItem
+    from services.common.contracts import VAEImageItem
 
     blk_a, blk_b = llm.vae_block(VAEImageItem(latent)), other.vae_block(VAEImageItem(latent))
     assert blk_a.is_gen.tolist() == [False] + [True] * 4 + [False]

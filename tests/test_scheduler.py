@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from services.llm.engine import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
+from services.common.contracts import Cancelled, Controls, ImageParams, InputError, TextItem, TextParams
 from services.llm.scheduler import Scheduler, SchedulerClosed
 
 
@@ -23,7 +23,7 @@ def test_concurrent_generations_share_forwards_and_match_solo_runs(engine):
         sched.submit(lambda: iter(gate.wait(5) and ()), Controls())
         futs = [sched.generate_image([TextItem(p)], q) for p, q in zip(prompts, params)]
         gate.set()
-        got = [f.result(timeout=60).latent for f in futs]
+        got = [f.result(timeout=60).result.latent for f in futs]
     finally:
         sched.shutdown()
     assert max(batches) == 2  # the two requests' steps ran in the same forwards
@@ -40,7 +40,7 @@ def test_decoding_requests_batch_together(engine):
         sched.submit(lambda: iter(gate.wait(5) and ()), Controls())
         futs = [sched.understand([TextItem(p)], TextParams(max_new_tokens=5)) for p in ("hi", "hello there")]
         gate.set()
-        assert [f.result(timeout=60).text for f in futs] == solo
+        assert [f.result(timeout=60).result.text for f in futs] == solo
     finally:
         sched.shutdown()
     assert 2 in batches
@@ -56,7 +56,7 @@ def test_cancel_mid_generation_frees_blocks_and_others_continue(engine):
         fine = sched.generate_image([TextItem("y")], ImageParams(width=32, height=32, num_timesteps=4, seed=0))
         with pytest.raises(Cancelled):
             doomed.result(timeout=60)
-        assert fine.result(timeout=60).latent.shape == (16, 4, 4)
+        assert fine.result(timeout=60).result.latent.shape == (16, 4, 4)
     finally:
         sched.shutdown()
     assert engine.cache.blocks_in_use == 0
@@ -68,7 +68,7 @@ def test_bad_request_fails_alone(engine):
         bad = sched.generate_image([TextItem("x")], ImageParams(width=30, height=32))
         with pytest.raises(InputError, match="width"):
             bad.result(timeout=30)
-        assert sched.understand([TextItem("ok")], TextParams(max_new_tokens=2)).result(timeout=30).tokens == 2
+        assert sched.understand([TextItem("ok")], TextParams(max_new_tokens=2)).result(timeout=30).result.tokens == 2
     finally:
         sched.shutdown()
     with pytest.raises(SchedulerClosed):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.llm.engine import Controls, ImageParams, TextItem, TextParams, ViTImageItem, Cancelled
-from services.llm.sessions import SessionBusy, SessionNotFound, SessionStore, TooManySessions
+from services.common.contracts import (Cancelled, Controls, ImageParams, SessionBusy, SessionNotFound, SessionRef,
+                                       TextItem, TextParams, TooManySessions, ViTImageItem)
+from services.llm.sessions import InProcessLLM, SessionStore
 
 
 def vit(seed):
@@ -14,39 +15,52 @@ def vit(seed):
 
 
 def test_second_turn_equals_replaying_the_history(engine):
-    store = SessionStore(engine)
+    llm = InProcessLLM(engine)
+    chat = SessionRef("chat")
     p = TextParams(max_new_tokens=4)
-    s = store.acquire("chat")
-    first = engine.understand([vit(0), TextItem("what is this?")], p, session=s)
-    store.release(s)
-    assert s.turns == 1 and s.tokens > 0
-    s = store.acquire("chat")
-    second = engine.understand([TextItem("and the colour?")], p, session=s)
-    store.release(s)
+    first = llm.understand([vit(0), TextItem("what is this?")], p, session=chat)
+    s = llm.sessions._sessions["chat"]
+    assert s.turns == 1 and s.tokens > 0 and not s.busy
+    second = llm.understand([TextItem("and the colour?")], p, session=chat)
     history = [vit(0), TextItem("what is this?"), TextItem(engine.tok.decode(engine.tok.encode(first.text))),
                TextItem("and the colour?")]
     assert second.text == engine.understand(history, p).text
     # generation in the session sees the whole conversation, its three contexts included
     img = ImageParams(width=32, height=32, num_timesteps=3, seed=1, cfg_img_scale=2.0)
-    s = store.acquire("chat")
-    in_session = engine.generate_image([TextItem("draw it")], img, session=s).latent
-    store.release(s)
+    in_session = llm.generate_image([TextItem("draw it")], img, session=chat).latent
     replay = engine.generate_image(history + [TextItem(second.text), TextItem("draw it")], img).latent
     torch.testing.assert_close(in_session, replay, atol=1e-5, rtol=1e-5)
-    store.delete("chat")
-    assert len(store) == 0
+    assert llm.delete_session("chat") and not llm.delete_session("chat")
+    assert len(llm.sessions) == 0
 
 
 def test_failed_turn_leaves_the_session_unchanged(engine):
-    store = SessionStore(engine)
-    s = store.acquire("a")
-    engine.understand([TextItem("hello")], TextParams(max_new_tokens=2), session=s)
+    llm = InProcessLLM(engine)
+    llm.understand([TextItem("hello")], TextParams(max_new_tokens=2), session=SessionRef("a"))
+    s = llm.sessions._sessions["a"]
     before = (s.state.cond.length, s.turns)
     controls = Controls()
     controls.on_progress = lambda p: controls.cancel.set()
     with pytest.raises(Cancelled):
-        engine.understand([TextItem("more")], TextParams(max_new_tokens=9), controls=controls, session=s)
-    assert (s.state.cond.length, s.turns) == before
+        llm.understand([TextItem("more")], TextParams(max_new_tokens=9), controls=controls, session=SessionRef("a"))
+    assert (s.state.cond.length, s.turns) == before and not s.busy
+    llm.sessions.close()
+
+
+def test_a_turn_returns_new_contexts_and_leaves_its_base_alone(engine):
+    store = SessionStore(engine)
+    s = store.acquire("a")
+    base_blocks, base_length = list(s.state.cond.blocks), s.state.cond.length
+    turn = engine.drive(engine.understand_steps([TextItem("hi")], TextParams(max_new_tokens=2), base=s.state))
+    assert turn.contexts is not None and turn.contexts.cond is not s.state.cond
+    assert (s.state.cond.blocks, s.state.cond.length) == (base_blocks, base_length)
+    assert turn.contexts.cond.length > base_length
+    store.adopt(s, turn)
+    assert s.state is turn.contexts and s.turns == 1
+    alone = engine.drive(engine.understand_steps([TextItem("hi")], TextParams(max_new_tokens=2)))
+    assert alone.contexts is None  # freed by the engine
+    with pytest.raises(ValueError):
+        store.adopt(s, alone)
     store.release(s)
     store.close()
 
@@ -63,7 +77,7 @@ def test_busy_unknown_limits_and_expiry(engine):
         store.acquire("zzz", create=False)
     with pytest.raises(SessionNotFound):
         store.delete("zzz")
-    engine.understand([TextItem("hi")], TextParams(max_new_tokens=2), session=a)
+    store.adopt(a, engine.drive(engine.understand_steps([TextItem("hi")], TextParams(max_new_tokens=2), base=a.state)))
     held = engine.cache.blocks_in_use
     assert held > 0
     store.delete("a")  # busy: freed when released

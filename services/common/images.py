@@ -11,8 +11,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
+from services.common.contracts import InputError
 
 # Default limits for untrusted input. 32 MiB covers any reasonable photo in a compressed format;
 # 64 megapixels (about 192 MiB once decoded to RGB) is far above the largest size the models use
@@ -29,7 +30,7 @@ VIT_RESIZE = (980, 224, 14)
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """Bad image input: unreadable, too large, or an invalid size."""
 
 
@@ -127,10 +128,3 @@ def vae_resize(img: Image.Image) -> Image.Image:
 
 def vit_resize(img: Image.Image) -> Image.Image:
     return resize_image(img, *VIT_RESIZE)
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 [3, H, W] in [-1, 1], in the same operation order as ToTensor + Normalize."""
-    x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
-    x = x.to(torch.float32).div(255)
-    return x.sub(0.5).div(0.5)

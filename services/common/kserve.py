@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.common.rpc.errors import ModelNotFound, NotReady
+from services.common.contracts import InputError, ModelNotFound, NotReady
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -37,7 +37,7 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
 _DATATYPE_OF = {np.dtype(d): name for name, (d, _) in DATATYPES.items() if name != "BYTES"}
 
 
-class KServeInputError(ValueError):
+class KServeInputError(InputError):
     """A ModelInfer request does not fit the model's declared inputs."""
 
 

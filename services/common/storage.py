@@ -17,16 +17,19 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 from PIL import Image
 
-from services.common.tensor_codec import safetensors_to_tensor, tensor_to_safetensors
+from services.common.contracts import (FailedPrecondition, InputError, NotFound, PermissionDenied,
+                                       Unavailable)
+
+if TYPE_CHECKING:
+    import torch
 
 # Bounds what a single read may pull into memory: 7B ViT features of a 980 px image are ~22 MiB in fp32.
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
@@ -34,23 +37,23 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/=]*$")
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 
 
-class StorageError(RuntimeError):
+class StorageError(Unavailable):
     """The object store failed or refused the request (unreachable, bad credentials...)."""
 
 
-class ObjectNotFound(StorageError, LookupError):
+class ObjectNotFound(NotFound, StorageError):
     """The bucket or key does not exist."""
 
 
-class StorageNotConfigured(StorageError):
+class StorageNotConfigured(FailedPrecondition, StorageError):
     """This server runs without object storage, but the request needs it."""
 
 
-class BadObjectKey(ValueError):
+class BadObjectKey(InputError):
     """A caller-supplied key is not acceptable, or names an object too large to read (the caller's fault)."""
 
 
-class BucketNotAllowed(PermissionError):
+class BucketNotAllowed(PermissionDenied):
     """A caller named a bucket other than this deployment's one."""
 
 
@@ -208,10 +211,16 @@ class ObjectStore:
         return len(doomed)
 
     # ---- typed objects ---------------------------------------------------------------------------
+    # The tensor codec (and so torch) is imported on first use: the gateway and the worker only move
+    # bytes and never load it.
     def put_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        from services.common.tensor_codec import tensor_to_safetensors
+
         self.put_bytes(key, tensor_to_safetensors(tensor), "application/vnd.safetensors")
 
     def get_tensor(self, key: str, bucket: str | None = None) -> torch.Tensor:
+        from services.common.tensor_codec import safetensors_to_tensor
+
         data = self.get_bytes(key, bucket)
         return safetensors_to_tensor(data, where=f"object {self._bucket(bucket)}/{key}")
 

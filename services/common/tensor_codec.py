@@ -11,10 +11,13 @@ import math
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
+
+from services.common.contracts import InputError
 
 TENSOR_NAME = "tensor"  # the one key of a single-tensor safetensors file we write
 MAX_DIMS = 8
@@ -29,7 +32,7 @@ _ENUMS = {v: k for k, v in _DTYPES.items()}
 RAW, SAFETENSORS = 0, 1  # bagel.v1.TensorEncoding
 
 
-class TensorCodecError(ValueError):
+class TensorCodecError(InputError):
     """A tensor payload is malformed or not what the caller expected."""
 
 
@@ -153,6 +156,13 @@ def _require_little_endian() -> None:
         raise TensorCodecError("raw tensor bytes are little-endian; this host is big-endian")
 
 
-__all__ = ["TensorCodecError", "tensor_to_safetensors", "safetensors_to_tensor", "tensor_to_message",
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 [3, H, W] in [-1, 1], in the same operation order as ToTensor + Normalize."""
+    x = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
+    x = x.to(torch.float32).div(255)
+    return x.sub(0.5).div(0.5)
+
+
+__all__ = ["TensorCodecError", "to_tensor", "tensor_to_safetensors", "safetensors_to_tensor", "tensor_to_message",
            "tensor_from_message", "check_declared", "expect", "dtype_from_enum", "enum_from_dtype", "RAW",
            "SAFETENSORS"]

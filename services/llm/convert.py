@@ -1,5 +1,5 @@
-"""bagel.v1 LLM messages <-> LLMEngine types, both ways: the server reads requests and writes events
-with these, and the gRPC clients of services/orchestrator/remote.py write requests and read events.
+"""bagel.v1 LLM messages -> LLMEngine inputs, and engine progress -> events: the LLM server's side of the
+wire. Parameter conversion every side shares is services/common/contracts/messages.py.
 
 Nothing here touches the network or object storage; tensors that travel by reference are read by the
 caller (the server's Payloads) and handed in as tensors.
@@ -12,30 +12,17 @@ from typing import Sequence
 import torch
 
 from services.common.config import BagelConfig
-from services.common.protos import common_pb2, llm_pb2
-from services.common.tensor_codec import RAW, expect, tensor_to_message
-from services.llm.engine import (THINK_END, ContextItem, ImageParams, InputError, Progress, TextItem, TextParams,
-                                 VAEImageItem, ViTImageItem)
+from services.common.contracts import (ContextItem, ImageParams, InputError, messages, Progress, TextItem, THINK_END,
+                                       VAEImageItem, ViTImageItem)
+from services.common.protos import llm_pb2
+from services.common.tensor_codec import expect
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
-RENORM_NAMES = {llm_pb2.CFG_RENORM_TYPE_GLOBAL: "global", llm_pb2.CFG_RENORM_TYPE_CHANNEL: "channel",
-                llm_pb2.CFG_RENORM_TYPE_TEXT_CHANNEL: "text_channel"}
-RENORM_ENUMS = {name: value for value, name in RENORM_NAMES.items()}
 THINK, ANSWER = llm_pb2.TEXT_STAGE_THINK, llm_pb2.TEXT_STAGE_ANSWER
 
 
 # ---- requests: proto -> engine -------------------------------------------------------------------
-def text_params(msg: llm_pb2.TextParams, default_tokens: int) -> TextParams:
-    """Unset fields take the proto's defaults; out-of-range values raise InputError."""
-    p = TextParams(max_new_tokens=default_tokens)
-    for name in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed"):
-        if msg.HasField(name):
-            setattr(p, name, getattr(msg, name))
-    p.validate()
-    return p
-
-
 def context_items(msgs: Sequence[llm_pb2.ContextItem], cfg: BagelConfig, read_features, read_latent,
                   max_images: int) -> list[ContextItem]:
     """The ordered context. An image with both views becomes a VAE item, then a ViT item (the reference's
@@ -70,87 +57,16 @@ def context_items(msgs: Sequence[llm_pb2.ContextItem], cfg: BagelConfig, read_fe
 
 def image_params(msg: llm_pb2.ImageParams, items: Sequence[ContextItem], cfg: BagelConfig,
                  noise: torch.Tensor | None = None) -> ImageParams:
-    """The preset's defaults (UNSPECIFIED: EDIT when an item holds a VAE latent) with the set fields over
-    them. EDIT's default size is the first input latent's (1024x1024 when there is none)."""
-    preset = msg.preset
+    """The request's parameters (services/common/contracts/messages.py) with what only the server can know:
+    the first input latent's size (EDIT's default output size) and the explicit noise tensor."""
     latents = [it.latent for it in items if isinstance(it, VAEImageItem)]
-    if preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
-        preset = llm_pb2.IMAGE_PRESET_EDIT if latents else llm_pb2.IMAGE_PRESET_GENERATE
-    if preset == llm_pb2.IMAGE_PRESET_EDIT:
-        down = cfg.ae.downsample
-        w, h = (latents[0].shape[2] * down, latents[0].shape[1] * down) if latents else (1024, 1024)
-        p = ImageParams.for_edit(w, h)
-    elif preset == llm_pb2.IMAGE_PRESET_GENERATE:
-        p = ImageParams()
-    else:
-        raise InputError(f"params.preset: unknown value {preset}")
-    for name in ("width", "height", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift",
-                 "num_timesteps", "seed"):
-        if msg.HasField(name):
-            setattr(p, name, getattr(msg, name))
-    lo = msg.cfg_interval_lo if msg.HasField("cfg_interval_lo") else p.cfg_interval[0]
-    hi = msg.cfg_interval_hi if msg.HasField("cfg_interval_hi") else p.cfg_interval[1]
-    p.cfg_interval = (lo, hi)
-    if msg.cfg_renorm_type != llm_pb2.CFG_RENORM_TYPE_UNSPECIFIED:
-        if msg.cfg_renorm_type not in RENORM_NAMES:
-            raise InputError(f"params.cfg_renorm_type: unknown value {msg.cfg_renorm_type}")
-        p.cfg_renorm_type = RENORM_NAMES[msg.cfg_renorm_type]
+    size = (latents[0].shape[2] * cfg.ae.downsample, latents[0].shape[1] * cfg.ae.downsample) if latents else None
+    p = messages.image_params(msg, cfg, size, has_input_image=bool(latents))
     if noise is not None:
         expect(noise, (None, cfg.patch_latent_dim), FLOATS, "params.noise")
         p.noise = noise.float()  # [h*w, 64]
-    p.validate(cfg)
+        p.validate(cfg)
     return p
-
-
-# ---- requests: engine -> proto (clients) ---------------------------------------------------------
-def text_params_message(p: TextParams | None) -> llm_pb2.TextParams | None:
-    if p is None:
-        return None
-    msg = llm_pb2.TextParams(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
-                             top_p=p.top_p)
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
-
-
-def image_params_message(p: ImageParams, encoding: int = RAW) -> llm_pb2.ImageParams:
-    """Every field set explicitly, so the server's preset defaults never apply: the run is the one asked for."""
-    msg = llm_pb2.ImageParams(
-        preset=llm_pb2.IMAGE_PRESET_GENERATE, width=p.width, height=p.height, cfg_text_scale=p.cfg_text_scale,
-        cfg_img_scale=p.cfg_img_scale, cfg_interval_lo=p.cfg_interval[0], cfg_interval_hi=p.cfg_interval[1],
-        cfg_renorm_min=p.cfg_renorm_min, cfg_renorm_type=RENORM_ENUMS.get(p.cfg_renorm_type, 0),
-        timestep_shift=p.timestep_shift, num_timesteps=p.num_timesteps)
-    if p.seed is not None:
-        msg.seed = p.seed
-    if p.noise is not None:
-        msg.noise.inline.CopyFrom(tensor_to_message(p.noise.float(), encoding))
-    return msg
-
-
-def item_message(item: ContextItem, *, down: int, encoding: int = RAW) -> llm_pb2.ContextItem:
-    """An engine item with its tensor inline (clients holding a stored object's key pass that instead);
-    down is the VAE's downsample (cfg.ae.downsample), which sizes a latent's image."""
-    if isinstance(item, TextItem):
-        return llm_pb2.ContextItem(text=item.text)
-    if isinstance(item, ViTImageItem):
-        h, w = item.grid
-        vit = common_pb2.ViTFeatures(inline=tensor_to_message(item.features, encoding),
-                                     grid=common_pb2.PatchGrid(rows=h, cols=w))
-        return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vit=vit))
-    if isinstance(item, VAEImageItem):
-        latent = latent_message(item.latent, down=down, encoding=encoding)
-        return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=latent))
-    raise TypeError(f"unknown context item {type(item).__name__}")
-
-
-def latent_message(latent: torch.Tensor, *, down: int, encoding: int = RAW) -> common_pb2.Latent:
-    return common_pb2.Latent(inline=tensor_to_message(latent, encoding), size=latent_size(latent, down))
-
-
-def latent_size(latent: torch.Tensor, down: int) -> common_pb2.ImageSize:
-    """The image size of a latent [z, h, w]. down (cfg.ae.downsample) has no default: it is the
-    checkpoint's, not a constant."""
-    return common_pb2.ImageSize(width=latent.shape[2] * down, height=latent.shape[1] * down)
 
 
 # ---- events: engine progress -> proto ------------------------------------------------------------

@@ -14,16 +14,17 @@ The ladder, bottom up:
 from __future__ import annotations
 
 import secrets
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence
 
 import torch
 
-from services.common.config import BagelConfig
+from services.common.contracts import (ANSWER_TOKENS, THINK_END, THINK_TOKENS, ContextItem, Controls, ImageParams,
+                                       ImageResult, InputError, Progress, TextItem, TextParams, UnderstandResult,
+                                       VAEImageItem, ViTImageItem)
 from services.common.tokenizer import BagelTokenizer
 from services.llm.attention import AttentionBackend, AttentionMetadata, get_backend
-from services.llm.flow import RENORM_TYPES, apply_cfg, cfg_active, sample_token, timestep_schedule
+from services.llm.flow import apply_cfg, cfg_active, sample_token, timestep_schedule
 from services.llm.kv_cache import KVContext, PagedKVCache
 from services.llm.model import BagelLLM
 from services.vae.model import latent_position_ids, patchify_latent, unpatchify_latent
@@ -39,141 +40,6 @@ GENERATE_THINK_PROMPT = (
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
     "image here"
 )
-
-
-# The reference's decoding budgets: 512 answer tokens; 1000 when the text starts with thinking.
-ANSWER_TOKENS, THINK_TOKENS = 512, 1000
-THINK_END = "</think>"
-
-
-class InputError(ValueError):
-    """The request is invalid (out-of-range parameter, over-long prompt...): the caller's fault."""
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled between two steps."""
-
-
-# ---- context items: what a workflow hands the LLM ----------------------------------------------------
-@dataclass
-class TextItem:
-    text: str
-
-
-@dataclass
-class ViTImageItem:
-    features: torch.Tensor  # [h*w, vit_hidden], the ViT's post_layernorm output
-    grid: tuple[int, int]   # (h, w) patches
-
-
-@dataclass
-class VAEImageItem:
-    latent: torch.Tensor    # [z_channels, H/8, W/8], scaled and shifted
-
-
-ContextItem = TextItem | ViTImageItem | VAEImageItem
-
-
-# ---- parameters ----------------------------------------------------------------------------------
-@dataclass
-class TextParams:
-    max_new_tokens: int = ANSWER_TOKENS
-    do_sample: bool = False
-    temperature: float = 0.3
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if not 1 <= self.max_new_tokens <= 32768:
-            raise InputError(f"max_new_tokens must be in [1, 32768], got {self.max_new_tokens}")
-        if self.do_sample and not 0.0 < self.temperature <= 10.0:
-            raise InputError(f"temperature must be in (0, 10], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class ImageParams:
-    width: int = 1024
-    height: int = 1024
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_min: float = 0.0
-    cfg_renorm_type: str = "global"
-    timestep_shift: float = 3.0
-    num_timesteps: int = 50
-    seed: int | None = None
-    noise: torch.Tensor | None = None  # explicit initial noise [h*w, 64]; overrides seed
-
-    @classmethod
-    def for_edit(cls, width: int, height: int, **overrides) -> "ImageParams":
-        """The reference's editing defaults."""
-        base = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
-        return cls(width=width, height=height, **{**base, **overrides})
-
-    def validate(self, cfg: BagelConfig) -> None:
-        step, max_side = cfg.latent_downsample, cfg.max_image_side
-        for name, side in (("width", self.width), ("height", self.height)):
-            if isinstance(side, bool) or not isinstance(side, int):
-                raise InputError(f"{name} must be an integer, got {side!r}")
-            if side <= 0 or side % step or side > max_side:
-                raise InputError(f"{name} must be a positive multiple of {step} up to {max_side}, got {side}")
-        if not 2 <= self.num_timesteps <= 1000:
-            raise InputError(f"num_timesteps must be in [2, 1000], got {self.num_timesteps}")
-        if not 0.0 < self.timestep_shift <= 100.0:
-            raise InputError(f"timestep_shift must be in (0, 100], got {self.timestep_shift}")
-        for name in ("cfg_text_scale", "cfg_img_scale"):
-            if not 0.0 <= getattr(self, name) <= 100.0:
-                raise InputError(f"{name} must be in [0, 100], got {getattr(self, name)}")
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise InputError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
-        if not 0.0 <= self.cfg_renorm_min <= 1.0:
-            raise InputError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
-        if self.cfg_renorm_type not in RENORM_TYPES:
-            raise InputError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
-        tokens = (self.height // step) * (self.width // step)
-        if self.noise is not None and tuple(self.noise.shape) != (tokens, cfg.patch_latent_dim):
-            raise InputError(f"noise must have shape [{tokens}, {cfg.patch_latent_dim}], got {list(self.noise.shape)}")
-
-
-@dataclass
-class Progress:
-    stage: str          # "think", "answer" or "denoise"
-    step: int           # steps (or tokens) done
-    total: int          # steps (or the token budget)
-    text: str = ""      # decoded text so far, for token stages
-
-
-@dataclass
-class Controls:
-    """Per-request hooks: progress callback and cancellation flag, checked between steps."""
-
-    on_progress: Callable[[Progress], None] | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def check(self) -> None:
-        if self.cancel.is_set():
-            raise Cancelled("request cancelled")
-
-    def report(self, p: Progress) -> None:
-        if self.on_progress is not None:
-            self.on_progress(p)
-
-
-@dataclass
-class UnderstandResult:
-    text: str
-    think: str | None = None
-    tokens: int = 0
-
-
-@dataclass
-class ImageResult:
-    latent: torch.Tensor     # [z_channels, H/8, W/8]
-    seed: int | None
-    think: str | None = None
 
 
 @dataclass
@@ -236,6 +102,14 @@ class DenoisePlan:
     branches: list[KVContext]                            # the CFG branches this step runs, cond first
     block: Block                                         # the query block shared by all branches
     guide: Callable[[list[torch.Tensor]], torch.Tensor]  # branch velocities -> guided velocity
+
+
+@dataclass
+class Turn:
+    """A request's result, and (for a turn of a conversation) the conversation's contexts after it."""
+
+    result: UnderstandResult | ImageResult
+    contexts: CFGContexts | None = None  # owned by the caller: adopt them or free them
 
 
 Unit = DecodeUnit | DenoiseUnit
@@ -521,15 +395,15 @@ class LLMEngine:
         latent = unpatchify_latent(x.cpu(), h, w, self.cfg.latent_patch_size, self.cfg.latent_channels)
         return latent, seed
 
-    def _turn_contexts(self, items: Sequence[ContextItem], system: str | None, session, need_notext: bool,
-                       need_noimg: bool) -> CFGContexts:
-        """A request's contexts: built from scratch, or forked from its session and extended."""
-        base = session.state.cond.length if session is not None else 0
-        self.check_context_size(items, extra=base + (len(self.tok.encode(system)) + 2 if system else 0))
-        if session is None:
+    def _turn_contexts(self, items: Sequence[ContextItem], system: str | None, base: CFGContexts | None,
+                       need_notext: bool, need_noimg: bool) -> CFGContexts:
+        """A request's contexts: built from scratch, or forked from a conversation's and extended."""
+        prefix = base.cond.length if base is not None else 0
+        self.check_context_size(items, extra=prefix + (len(self.tok.encode(system)) + 2 if system else 0))
+        if base is None:
             return self.build_cfg_contexts(items, need_notext=need_notext, need_noimg=need_noimg,
                                            system_prompt=system)
-        ctxs = self.fork_contexts(session.state)
+        ctxs = self.fork_contexts(base)
         try:
             self.extend_cfg_contexts(ctxs, items, system)
         except BaseException:
@@ -537,39 +411,47 @@ class LLMEngine:
             raise
         return ctxs
 
-    def _end_turn(self, ctxs: CFGContexts, session, answer: str | None) -> None:
-        """Keep a successful turn in its session (with the answer as the next text item), else free it."""
-        if session is None:
+    def _end_turn(self, ctxs: CFGContexts, base: CFGContexts | None, answer: str | None) -> CFGContexts | None:
+        """Without a base the turn's contexts are freed; a conversation's turn hands its contexts (with the
+        answer as the next text item) back to the caller, who owns them from then on."""
+        if base is None:
             self.free(ctxs)
-            return
-        if answer:
-            self.extend_cfg_contexts(ctxs, [TextItem(answer)])
-        session.store.adopt(session, ctxs)
+            return None
+        try:
+            if answer:
+                self.extend_cfg_contexts(ctxs, [TextItem(answer)])
+        except BaseException:
+            self.free(ctxs)
+            raise
+        return ctxs
 
     def understand_steps(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                         controls: Controls | None = None, session=None) -> Steps:
+                         controls: Controls | None = None, base: CFGContexts | None = None) -> Steps:
+        """Returns a Turn of UnderstandResult. With `base` (a conversation's contexts, left untouched) the
+        turn starts from it and returns the conversation's new contexts."""
         params = params or TextParams(max_new_tokens=THINK_TOKENS if think else ANSWER_TOKENS)
         controls = controls or Controls()
         params.validate()
         system = UNDERSTAND_THINK_PROMPT if think else None
-        ctxs = self._turn_contexts(items, system, session, need_notext=False, need_noimg=False)
+        ctxs = self._turn_contexts(items, system, base, need_notext=False, need_noimg=False)
         try:
             ids = yield from self.decode_steps(ctxs.cond, params, controls, stage="think" if think else "answer")
         except BaseException:
             self.free(ctxs)
             raise
         full = self.tok.decode(ids)
-        self._end_turn(ctxs, session, full)
+        kept = self._end_turn(ctxs, base, full)
         text, thought = full, None
         if think and THINK_END in full:
             thought, text = full.split(THINK_END, 1)
             thought = thought.replace("<think>", "").strip()
             text = text.strip()
-        return UnderstandResult(text=text, think=thought, tokens=len(ids))
+        return Turn(UnderstandResult(text=text, think=thought, tokens=len(ids)), kept)
 
     def generate_image_steps(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
                              think_params: TextParams | None = None, controls: Controls | None = None,
-                             session=None) -> Steps:
+                             base: CFGContexts | None = None) -> Steps:
+        """Returns a Turn of ImageResult (see understand_steps for `base`)."""
         controls = controls or Controls()
         params.validate(self.cfg)
         think_params = think_params or TextParams(max_new_tokens=THINK_TOKENS)
@@ -577,7 +459,7 @@ class LLMEngine:
         system = GENERATE_THINK_PROMPT if think else None
         need_notext = params.cfg_text_scale > 1.0
         need_noimg = need_notext and params.cfg_img_scale > 1.0
-        ctxs = self._turn_contexts(items, system, session, need_notext, need_noimg)
+        ctxs = self._turn_contexts(items, system, base, need_notext, need_noimg)
         try:
             thought = None
             if think:
@@ -590,8 +472,8 @@ class LLMEngine:
         except BaseException:
             self.free(ctxs)
             raise
-        self._end_turn(ctxs, session, None)
-        return ImageResult(latent=latent, seed=seed, think=thought)
+        kept = self._end_turn(ctxs, base, None)
+        return Turn(ImageResult(latent=latent, seed=seed, think=thought), kept)
 
     # ---- one request alone ---------------------------------------------------------------------------
     def drive(self, steps: Steps, batch_cfg: bool = True):
@@ -608,14 +490,15 @@ class LLMEngine:
             raise
 
     def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                   controls: Controls | None = None, session=None) -> UnderstandResult:
-        return self.drive(self.understand_steps(items, params, think, controls, session))
+                   controls: Controls | None = None) -> UnderstandResult:
+        """One request alone, outside any conversation (sessions: services/llm/sessions.py)."""
+        return self.drive(self.understand_steps(items, params, think, controls)).result
 
     def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
                        think_params: TextParams | None = None, controls: Controls | None = None,
-                       batch_cfg: bool = True, session=None) -> ImageResult:
-        return self.drive(self.generate_image_steps(items, params, think, think_params, controls, session),
-                          batch_cfg)
+                       batch_cfg: bool = True) -> ImageResult:
+        return self.drive(self.generate_image_steps(items, params, think, think_params, controls),
+                          batch_cfg).result
 
     def free(self, ctxs: CFGContexts) -> None:
         for c in ctxs.all():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+from services.common.contracts import RENORM_TYPES  # one list, shared with the params rules
 
 
 def timestep_schedule(num_timesteps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:

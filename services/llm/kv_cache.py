@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.contracts import ResourceExhausted
+
 from services.llm.attention import gather_prefix
 
 
-class KVCacheFull(RuntimeError):
+class KVCacheFull(ResourceExhausted):
     """The pool has no free block left: the caller should reject or queue the request."""
 
 

@@ -18,7 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.llm.engine import Cancelled, Controls, DecodeUnit, LLMEngine, Steps, Unit
+from services.common.contracts import Cancelled, Controls, Unavailable
+from services.llm.engine import CFGContexts, DecodeUnit, LLMEngine, Steps, Unit
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
 
 
-class SchedulerClosed(RuntimeError):
+class SchedulerClosed(Unavailable):
     """The scheduler is shutting down and takes no new request."""
 
 
@@ -63,15 +64,17 @@ class Scheduler:
         self._incoming.put(_Request(make_steps, controls, fut))
         return fut
 
-    def understand(self, items, params=None, think=False, controls: Controls | None = None, session=None) -> Future:
+    def understand(self, items, params=None, think=False, controls: Controls | None = None,
+                   base: CFGContexts | None = None) -> Future:
+        """A Future of the engine's Turn; `base`: a conversation's contexts to continue from."""
         controls = controls or Controls()
-        return self.submit(lambda: self.engine.understand_steps(items, params, think, controls, session), controls)
+        return self.submit(lambda: self.engine.understand_steps(items, params, think, controls, base), controls)
 
     def generate_image(self, items, params, think=False, think_params=None, controls: Controls | None = None,
-                       session=None) -> Future:
+                       base: CFGContexts | None = None) -> Future:
         controls = controls or Controls()
         return self.submit(
-            lambda: self.engine.generate_image_steps(items, params, think, think_params, controls, session), controls)
+            lambda: self.engine.generate_image_steps(items, params, think, think_params, controls, base), controls)
 
     @property
     def queue_depth(self) -> int:

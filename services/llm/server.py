@@ -31,14 +31,15 @@ from services.common.config import BagelConfig, env_int
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import cancel_event, check_active, time_remaining
-from services.common.rpc.errors import DeadlineExceeded, NotReady
+from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, DeadlineExceeded, InputError, messages,
+                                       NotReady, Progress, SessionNotFound, THINK_TOKENS)
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
 from services.llm.attention import get_backend
-from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, InputError, LLMEngine, Progress
+from services.llm.engine import CFGContexts, LLMEngine
 from services.llm.scheduler import Scheduler
-from services.llm.sessions import Session, SessionNotFound, SessionStore
+from services.llm.sessions import Session, SessionStore
 
 log = logging.getLogger("bagel.llm")
 
@@ -211,17 +212,17 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     def GenerateText(self, request, context):
         rt = self._runtime()
         items = self._items(request.items)
-        params = convert.text_params(request.params, THINK_TOKENS if request.think else ANSWER_TOKENS)
+        params = messages.text_params(request.params, THINK_TOKENS if request.think else ANSWER_TOKENS)
         relay = Relay(context, self.metrics)
         session = self._acquire(rt, request.session)
-        fut = self._submit(rt, session, lambda s: rt.scheduler.understand(
-            items, params, request.think, relay.controls, s), context)
+        fut = self._submit(rt, session, lambda base: rt.scheduler.understand(
+            items, params, request.think, relay.controls, base), context)
         # Think mode decodes reasoning and answer in one go: the text before </think> is THINK.
         deltas = convert.TextDeltas(convert.ANSWER, split_think=request.think)
         for p in relay.follow(fut):
             for d in deltas.update(p):
                 yield llm_pb2.GenerateTextEvent(delta=d)
-        result = relay.result(fut)
+        result = relay.result(fut).result
         for d in deltas.finish():
             yield llm_pb2.GenerateTextEvent(delta=d)
         yield llm_pb2.GenerateTextEvent(done=llm_pb2.TextDone(
@@ -233,15 +234,15 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         noise = self.payloads.source(request.params.noise, "params.noise") \
             if request.params.HasField("noise") else None
         params = convert.image_params(request.params, items, self.cfg, noise)
-        think_params = convert.text_params(request.think_params, THINK_TOKENS)
+        think_params = messages.text_params(request.think_params, THINK_TOKENS)
         delivery = self.payloads.delivery(request.delivery)  # refuses object delivery without storage
         if request.output_key:
             check_key(request.output_key)  # a bad key fails now, not after the generation
         relay = Relay(context, self.metrics)
         session = self._acquire(rt, request.session)
         turn = f"{session.id}#{session.turns}" if session is not None else ""
-        fut = self._submit(rt, session, lambda s: rt.scheduler.generate_image(
-            items, params, request.think, think_params, relay.controls, s), context)
+        fut = self._submit(rt, session, lambda base: rt.scheduler.generate_image(
+            items, params, request.think, think_params, relay.controls, base), context)
         plan = convert.TextDeltas(convert.THINK)
         for p in relay.follow(fut):
             if p.stage == "denoise":
@@ -249,13 +250,13 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             else:
                 for d in plan.update(p):
                     yield llm_pb2.GenerateImageEvent(think=d)
-        result = relay.result(fut)
+        result = relay.result(fut).result
         # Same request in the same job (and turn of the same session) -> same key: a retry overwrites.
         key = self.payloads.key(request.output_key, "latents", digest(
             "llm-generate-image", request.SerializeToString(deterministic=True), turn), "safetensors",
             request.job_id) if delivery in (OBJECT, BOTH) else ""
         ref, inline = self.payloads.put_tensor(result.latent, delivery, key, common_pb2.TENSOR_ENCODING_RAW)
-        size = convert.latent_size(result.latent, self.cfg.ae.downsample)
+        size = messages.latent_size(result.latent.shape, self.cfg.ae.downsample)
         latent = common_pb2.Latent(ref=ref, inline=inline, size=size)
         yield llm_pb2.GenerateImageEvent(done=llm_pb2.ImageDone(
             latent=latent, seed=result.seed or 0, think=result.think or "", session_id=request.session.id))
@@ -285,18 +286,26 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             raise InputError(f"session.ttl_seconds must be at most {MAX_SESSION_TTL_S}, got {options.ttl_seconds}")
         return rt.sessions.acquire(_session_id(options.id), float(options.ttl_seconds) or None, create=True)
 
-    def _submit(self, rt: LLMRuntime, session: Session | None, submit: Callable[[Session | None], Future],
+    def _submit(self, rt: LLMRuntime, session: Session | None, submit: Callable[[CFGContexts | None], Future],
                 context) -> Future:
-        """Submit with the session held; it is released when the scheduler is done with the request."""
+        """Submit with the session held (the turn starts from its contexts); when the scheduler is done, a
+        successful turn's contexts become the session's, and the session is released."""
         try:
             check_active(context)
-            fut = submit(session)
+            fut = submit(session.state if session is not None else None)
         except BaseException:
             if session is not None:
                 rt.sessions.release(session)
             raise
         if session is not None:
-            fut.add_done_callback(lambda _: rt.sessions.release(session))
+            def end_turn(f: Future) -> None:
+                try:
+                    if not f.cancelled() and f.exception() is None:
+                        rt.sessions.adopt(session, f.result())
+                finally:
+                    rt.sessions.release(session)
+
+            fut.add_done_callback(end_turn)
         return fut
 
 

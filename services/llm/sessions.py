@@ -12,27 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from services.llm.engine import CFGContexts, LLMEngine
-
-
-class SessionError(RuntimeError):
-    pass
-
-
-class SessionNotFound(SessionError, KeyError):
-    """No session with this id (never created, deleted, or expired)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return self.args[0] if self.args else "session not found"
-
-
-class SessionBusy(SessionError):
-    """The session is serving another request; turns of one conversation are sequential."""
-
-
-class TooManySessions(SessionError):
-    """The server keeps at most `max_sessions` sessions."""
+from services.common.contracts import (ImageResult, SessionBusy, SessionNotFound, SessionRef, TooManySessions,
+                                       UnderstandResult)
+from services.llm.engine import CFGContexts, LLMEngine, Steps, Turn
 
 
 @dataclass
@@ -44,7 +28,6 @@ class Session:
     busy: bool = False
     deleted: bool = False
     turns: int = 0
-    store: "SessionStore | None" = None
 
     @property
     def tokens(self) -> int:
@@ -75,8 +58,7 @@ class SessionStore:
                                           "for one to expire")
                 cache = self.engine.cache
                 state = CFGContexts(cache.new_context(), cache.new_context(), None, track_noimg=True)
-                s = self._sessions[session_id] = Session(session_id, state, ttl_s or self.default_ttl_s,
-                                                           store=self)
+                s = self._sessions[session_id] = Session(session_id, state, ttl_s or self.default_ttl_s)
             if s.busy:
                 raise SessionBusy(f"session {session_id!r} is serving another request")
             s.busy = True
@@ -91,9 +73,11 @@ class SessionStore:
             if s.deleted:
                 self._drop(s)
 
-    def adopt(self, s: Session, ctxs: CFGContexts) -> None:
+    def adopt(self, s: Session, turn: Turn) -> None:
         """A turn succeeded: its contexts become the session's (the old ones are freed)."""
-        old, s.state = s.state, ctxs
+        if turn.contexts is None:
+            raise ValueError("the turn was run without its session's contexts")
+        old, s.state = s.state, turn.contexts
         s.turns += 1
         self.engine.free(old)
 
@@ -123,3 +107,39 @@ class SessionStore:
     def _drop(self, s: Session) -> None:
         self._sessions.pop(s.id, None)
         self.engine.free(s.state)
+
+
+class InProcessLLM:
+    """The workflows' LLM client over an engine in this process: the same calls, and the same typed
+    `session` parameter, as the gRPC client (services/orchestrator/remote.py), each request run alone."""
+
+    def __init__(self, engine: LLMEngine, sessions: SessionStore | None = None):
+        self.engine = engine
+        self.sessions = sessions or SessionStore(engine)
+
+    def understand(self, items, params=None, think: bool = False, controls=None,
+                   session: SessionRef | None = None) -> UnderstandResult:
+        return self._turn(session, lambda base: self.engine.understand_steps(items, params, think, controls, base))
+
+    def generate_image(self, items, params, think: bool = False, think_params=None, controls=None,
+                       session: SessionRef | None = None, batch_cfg: bool = True) -> ImageResult:
+        return self._turn(session, lambda base: self.engine.generate_image_steps(items, params, think, think_params,
+                                                                                 controls, base), batch_cfg)
+
+    def delete_session(self, session_id: str) -> bool:
+        try:
+            self.sessions.delete(session_id)
+        except SessionNotFound:
+            return False
+        return True
+
+    def _turn(self, ref: SessionRef | None, make: Callable[[CFGContexts | None], Steps], batch_cfg: bool = True):
+        if ref is None:
+            return self.engine.drive(make(None), batch_cfg).result
+        s = self.sessions.acquire(ref.id, ref.ttl_s or None)
+        try:
+            turn = self.engine.drive(make(s.state), batch_cfg)
+            self.sessions.adopt(s, turn)
+            return turn.result
+        finally:
+            self.sessions.release(s)

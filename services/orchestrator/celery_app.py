@@ -1,12 +1,7 @@
-"""The Celery app: Redis as broker and result backend, one task that runs a job (runner.py).
+"""The worker's Celery app: the shared configuration (tasks.py) with the task implementations of
+runner.py registered on it.
 
     celery -A services.orchestrator.celery_app:app worker     # or: bagel-serve worker
-
-Delivery is at-least-once and a job is never dropped: the task message is acknowledged only after the
-job has ended (acks_late), a worker takes one message at a time (prefetch 1), and a message whose
-worker died goes back to the queue after the visibility timeout; runner.py's lease makes a second
-delivery harmless, and the janitor (janitor.py) queues the job of a dead worker again well before that.
-Job state and results live in the job records (jobs.py), not in Celery's backend.
 """
 
 from __future__ import annotations
@@ -14,28 +9,13 @@ from __future__ import annotations
 from celery import Celery, signals
 
 from services.orchestrator.runner import Runtime, delete_session, execute
-from services.orchestrator.settings import DELETE_SESSION_TASK, QUEUE, TASK, OrchestratorSettings
+from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.tasks import DELETE_SESSION_TASK, QUEUE, TASK, make_celery
 
 
 def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | None = None) -> Celery:
     settings = settings or OrchestratorSettings.from_env()
-    app = Celery("bagel", broker=settings.redis_url, backend=settings.redis_url)
-    app.conf.update(
-        task_serializer="json", accept_content=["json"], result_serializer="json",
-        task_default_queue=QUEUE,
-        task_acks_late=True,                 # acknowledge after the job ended, not when it was received
-        task_reject_on_worker_lost=True,     # a pool child killed mid-job puts the message back
-        task_ignore_result=True,             # results live in the job record
-        worker_prefetch_multiplier=1,        # a worker never sits on jobs another could start
-        # Scan for messages of dead workers every few seconds (kombu's default is every ~100 s).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
-                                  "unacked_restore_throttle": 1},
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-    )
+    app = make_celery(settings)
     app.bagel_runtime = runtime or Runtime(settings)
 
     @app.task(name=TASK, bind=True, shared=False)  # shared=False: not added to apps made later

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import redis
+from redis.exceptions import LockNotOwnedError
+from redis.lock import Lock
 
+from services.common.contracts import JobNotFound
 from services.common.protos import jobs_pb2
 
 PREFIX = "bagel:"
@@ -38,21 +41,6 @@ TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, j
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in jobs_pb2.JobState.items()}
 _ID_CHARS = frozenset("0123456789abcdef-")
 
-# Renew the lease only if this worker still holds it; release likewise (never another worker's).
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
-class JobNotFound(LookupError):
-    """No job with this id (never created, or expired)."""
-
-
-class QueueFull(RuntimeError):
-    """More jobs are waiting than the gateway accepts; retry later."""
-
-
-class NoOutput(RuntimeError):
-    """The job has no output to fetch: it has not succeeded, or it answers text."""
 
 
 @dataclass
@@ -72,7 +60,6 @@ def valid_id(job_id: str) -> bool:
 class JobStore:
     def __init__(self, client: redis.Redis, ttl_seconds: int = 86400):
         self.r, self.ttl = client, ttl_seconds
-        self._renew, self._release = client.register_script(_RENEW), client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> "JobStore":
@@ -126,9 +113,9 @@ class JobStore:
         return jobs_pb2.SubmitJobRequest.FromString(raw)
 
     # ---- changes ----
-    def update(self, job_id: str, change: Callable[[jobs_pb2.Job], bool | None]) -> jobs_pb2.Job:
-        """Read-modify-write under WATCH: `change` edits the job in place and returns False to leave it
-        unchanged. Publishes the result when it changed."""
+    def update(self, job_id: str, change: Callable[[jobs_pb2.Job], bool]) -> jobs_pb2.Job:
+        """Read-modify-write under WATCH: `change` edits the job in place and says whether it did (True) or
+        left it as it was (False). Publishes the result when it changed."""
         key = self.key(job_id)
         changed: dict[str, bool] = {}
 
@@ -137,7 +124,7 @@ class JobStore:
             if raw is None:
                 raise JobNotFound(f"no job {job_id!r}")
             job = jobs_pb2.Job.FromString(raw)
-            changed["yes"] = change(job) is not False
+            changed["yes"] = change(job)
             pipe.multi()
             if changed["yes"]:
                 pipe.hset(key, "job", job.SerializeToString())
@@ -164,14 +151,13 @@ class JobStore:
             if is_terminal(job):
                 return False
             if cancel:
-                _end(job, jobs_pb2.JOB_STATE_CANCELLED, error=("CANCELLED", "cancelled before it started"))
-                return None
+                return _end(job, jobs_pb2.JOB_STATE_CANCELLED, error=("CANCELLED", "cancelled before it started"))
             if past_deadline(job):
                 return _end(job, jobs_pb2.JOB_STATE_FAILED, error=("DEADLINE_EXCEEDED", late_message(job)))
             job.state, job.attempts = jobs_pb2.JOB_STATE_RUNNING, job.attempts + 1
             job.started_at = job.started_at or time.time()
             job.progress.CopyFrom(jobs_pb2.JobProgress(stage="encode"))
-            return None
+            return True
 
         job = self.update(job_id, change)
         return job if job.state == jobs_pb2.JOB_STATE_RUNNING else None
@@ -181,7 +167,7 @@ class JobStore:
             if job.state != jobs_pb2.JOB_STATE_RUNNING:
                 return False
             job.progress.CopyFrom(jobs_pb2.JobProgress(stage=stage, step=step, total=total, text=text))
-            return None
+            return True
 
         self.update(job_id, change)
 
@@ -193,7 +179,7 @@ class JobStore:
             job.state = jobs_pb2.JOB_STATE_QUEUED
             job.progress.CopyFrom(jobs_pb2.JobProgress(stage="queued"))
             job.error.CopyFrom(jobs_pb2.JobError(code="UNAVAILABLE", message=f"retrying: {reason}"))
-            return None
+            return True
 
         return self.update(job_id, change)
 
@@ -232,7 +218,7 @@ class JobStore:
     def rescue(self, job_id: str) -> bool:
         """A started job whose lease has lapsed (its worker died) goes back to QUEUED, to be queued again.
         False when there is nothing to rescue: it ended, or a worker holds its lease."""
-        key, lease = self.key(job_id), self.key(job_id) + ":lease"
+        key, lease = self.key(job_id), self._lease_key(job_id)
         rescued: dict[str, jobs_pb2.Job] = {}
 
         def change(pipe: redis.client.Pipeline) -> None:
@@ -287,23 +273,46 @@ class JobStore:
         if job_ids:
             self.r.zrem(ENDED_ZSET, *job_ids)
 
-    # ---- a named lock (the janitor's: one sweep at a time across workers) ----
+    # ---- locks and leases: redis-py's Lock (SET NX PX with a token; only the holder extends or frees) ----
+    def _lock(self, key: str, ttl_s: float) -> Lock:
+        return self.r.lock(key, timeout=ttl_s, thread_local=False)
+
+    def _held(self, key: str, token: str, ttl_s: float) -> Lock:
+        """The lock object of a holder known by its token (held by this or another process's call)."""
+        lock = self._lock(key, ttl_s)
+        lock.local.token = token.encode()
+        return lock
+
     def try_lock(self, name: str, ttl_s: float) -> str | None:
+        """A named lock (the janitor's: one sweep at a time across workers); its token, or None when held."""
         token = uuid.uuid4().hex
-        return token if self.r.set(f"{PREFIX}{name}", token, nx=True, px=int(ttl_s * 1000)) else None
+        return token if self._lock(f"{PREFIX}{name}", ttl_s).acquire(blocking=False, token=token) else None
 
     def unlock(self, name: str, token: str) -> None:
-        self._release(keys=[f"{PREFIX}{name}"], args=[token])
+        self._release(f"{PREFIX}{name}", token)
 
-    # ---- leases: one worker at a time per job ----
+    # one worker at a time per job
     def acquire_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
-        return bool(self.r.set(self.key(job_id) + ":lease", worker, nx=True, px=int(ttl_s * 1000)))
+        return self._lock(self._lease_key(job_id), ttl_s).acquire(blocking=False, token=worker)
 
     def renew_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
-        return bool(self._renew(keys=[self.key(job_id) + ":lease"], args=[worker, int(ttl_s * 1000)]))
+        """False when the lease is no longer this worker's (it lapsed, and maybe another took it)."""
+        try:
+            return self._held(self._lease_key(job_id), worker, ttl_s).reacquire()
+        except LockNotOwnedError:
+            return False
 
     def release_lease(self, job_id: str, worker: str) -> None:
-        self._release(keys=[self.key(job_id) + ":lease"], args=[worker])
+        self._release(self._lease_key(job_id), worker)
+
+    def _lease_key(self, job_id: str) -> str:
+        return self.key(job_id) + ":lease"
+
+    def _release(self, key: str, token: str) -> None:
+        try:
+            self._held(key, token, 1).release()
+        except LockNotOwnedError:
+            pass  # lapsed (and perhaps taken by another holder): nothing of ours to free
 
     # ---- following a job ----
     def subscribe(self, job_id: str) -> redis.client.PubSub:
@@ -371,4 +380,4 @@ def _end(job: jobs_pb2.Job, state: int, result: jobs_pb2.JobResult | None = None
         job.result.CopyFrom(result)
     if error is not None:
         job.error.CopyFrom(jobs_pb2.JobError(code=error[0], message=error[1]))
-    return None
+    return True

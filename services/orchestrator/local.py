@@ -9,6 +9,7 @@ import torch
 from services.common.checkpoint import Checkpoint
 from services.llm.attention import get_backend
 from services.llm.engine import LLMEngine
+from services.llm.sessions import InProcessLLM
 from services.orchestrator.workflows import Clients
 from services.vae.engine import VAEEngine
 from services.vit.engine import ViTEngine
@@ -16,9 +17,10 @@ from services.vit.engine import ViTEngine
 
 def local_clients(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   attention: str | None = None, kv_cache_tokens: int = 65536) -> Clients:
+    """`clients.llm` is an InProcessLLM; its engine (KV cache, model) is `clients.llm.engine`."""
     ckpt = Checkpoint(checkpoint_dir)
     backend = get_backend(attention, device)
     llm = LLMEngine(ckpt.load_llm(dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
                     kv_cache_tokens=kv_cache_tokens)
     return Clients(vit=ViTEngine.from_checkpoint(ckpt, device, dtype, backend),
-                   vae=VAEEngine.from_checkpoint(ckpt, device, dtype), llm=llm)
+                   vae=VAEEngine.from_checkpoint(ckpt, device, dtype), llm=InProcessLLM(llm))

@@ -3,7 +3,7 @@
 The gateway runs `check_request` before it accepts a job, so bad input is refused at once with a clear
 message instead of becoming a failed job; the worker runs `plan_job` on the stored request to get the
 very arguments it passes to services/orchestrator/workflows.py. Both use the LLM server's own proto
-conversion (services/llm/convert.py), so a parameter means the same thing on every path.
+conversion (services/common/contracts/messages.py), so a parameter means the same thing on every path.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from functools import lru_cache
 from PIL import Image
 
 from services.common.config import BagelConfig, preset
+from services.common.contracts import (ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, SessionRef, TextParams,
+                                       messages)
 from services.common.images import load_image, vae_resize, vit_resize
 from services.common.protos import jobs_pb2, llm_pb2
 from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
-from services.llm import convert
-from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, TextParams
-from services.orchestrator.workflows import SessionRef
 
 # Every published preset shares these limits (1024 px sides, 16 px latent patches); the LLM server
 # checks the exact context size against its own model again.
@@ -108,7 +107,7 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
     if name == "understand":
         budget = THINK_TOKENS if req.think else ANSWER_TOKENS
-        return JobPlan(name, req.prompt, image, text_params=convert.text_params(req.text_params, budget),
+        return JobPlan(name, req.prompt, image, text_params=messages.text_params(req.text_params, budget),
                        think=req.think, session=session)
     msg = llm_pb2.ImageParams()
     msg.CopyFrom(req.image_params)
@@ -125,7 +124,8 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
         msg.width, msg.height = w, h
     if msg.noise.WhichOneof("source") is not None:
         raise InputError("image_params.noise: not taken by the job API (use a seed, or call the LLM service)")
-    params = convert.image_params(msg, [], cfg)
-    think_params = convert.text_params(req.text_params, THINK_TOKENS) if req.think else None
+    params = messages.image_params(msg, cfg, (msg.width, msg.height) if name == "edit" else None,
+                                     has_input_image=name == "edit")
+    think_params = messages.text_params(req.text_params, THINK_TOKENS) if req.think else None
     return JobPlan(name, req.prompt, image, image_params=params, text_params=think_params, think=req.think,
                    session=session)

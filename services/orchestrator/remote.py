@@ -7,9 +7,10 @@ runs distributed without a change:
 
 Tensors between the services stay in the bucket when a store is given: the ViT and VAE deliver their
 outputs as objects, and the items they return carry those keys on to the LLM, which reads them itself;
-the orchestrator fetches such a tensor only if something reads it. The final latent comes back inline
-(the workflow's result holds it) and is also stored under the job. Without a store everything travels
-inline. Status codes become the engine's exceptions where the workflows know them (INVALID_ARGUMENT ->
+the orchestrator fetches such a tensor only if something reads it. The final latent is stored under the
+job and comes back as a RemoteLatent (its key), which the VAE client hands to the VAE service to decode:
+the worker moves keys and bytes, never tensors, and does not import torch. Without a store everything
+travels inline. Status codes become the engine's exceptions where the workflows know them (INVALID_ARGUMENT ->
 InputError, CANCELLED -> Cancelled); any other failure stays a grpc.RpcError with its code.
 """
 
@@ -19,22 +20,23 @@ import io
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 import numpy as np
-import torch
 from PIL import Image
 
 from services.common.config import BagelConfig
+from services.common.contracts import (Cancelled, ContextItem, Controls, ImageParams, ImageResult, InputError,
+                                       Progress, SessionRef, TextParams, UnderstandResult, VAEImageItem,
+                                       ViTImageItem, messages)
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, vae_pb2, vae_pb2_grpc, vit_pb2, vit_pb2_grpc
 from services.common.storage import ObjectStore, StorageNotConfigured
-from services.common.tensor_codec import tensor_from_message, tensor_to_message
-from services.llm import convert
-from services.llm.engine import (Cancelled, ContextItem, Controls, ImageParams, ImageResult, InputError, Progress,
-                                 TextParams, UnderstandResult, VAEImageItem, ViTImageItem)
 from services.orchestrator.plan import DEFAULT_CONFIG
-from services.orchestrator.workflows import Clients, SessionRef
+from services.orchestrator.workflows import Clients
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the servers' default limit
 _STAGES = {llm_pb2.TEXT_STAGE_THINK: "think", llm_pb2.TEXT_STAGE_ANSWER: "answer"}
@@ -57,6 +59,8 @@ class Fetcher:
 
     def __call__(self, ref: common_pb2.TensorRef, inline: common_pb2.Tensor | None) -> torch.Tensor:
         if inline is not None:
+            from services.common.tensor_codec import tensor_from_message  # torch, only when a tensor is read
+
             return tensor_from_message(inline)
         if self.store is None:
             raise StorageNotConfigured("this client has no object store to read the returned key from")
@@ -94,12 +98,25 @@ class RemoteVAEImageItem(VAEImageItem):
         return self._latent
 
 
+class RemoteLatent:
+    """The generated latent as the LLM service returned it: a stored object's key (or an inline copy when
+    there is no store). The VAE service decodes it from there; the worker never reads the tensor."""
+
+    def __init__(self, message: common_pb2.Latent, fetch: Fetcher):
+        self.message, self._fetch = message, fetch
+
+    def fetch(self) -> torch.Tensor:
+        """The tensor [z, H/8, W/8] (reads the object; imports torch)."""
+        m = self.message
+        return self._fetch(m.ref, m.inline if m.HasField("inline") else None)
+
+
 def item_message(item: ContextItem, down: int) -> llm_pb2.ContextItem:
     if isinstance(item, RemoteViTImageItem):
         return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vit=item.message))
     if isinstance(item, RemoteVAEImageItem):
         return llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=item.message))
-    return convert.item_message(item, down=down)
+    return messages.item_message(item, down=down)
 
 
 @contextmanager
@@ -171,9 +188,16 @@ class GrpcVAE:
             (latent,) = self.stub.Encode(req, metadata=self.calls.metadata, timeout=self.calls.timeout).latents
         return RemoteVAEImageItem(latent, self.fetch)
 
-    def decode(self, latent: torch.Tensor) -> np.ndarray:
-        req = vae_pb2.VAEDecodeRequest(inputs=[vae_pb2.VAEDecodeInput(latent=common_pb2.Latent(
-            inline=tensor_to_message(latent)))], delivery=common_pb2.DELIVERY_INLINE, job_id=self.calls.job_id)
+    def decode(self, latent: RemoteLatent | torch.Tensor) -> np.ndarray:
+        """A latent the LLM service returned goes on as it came (by key); a tensor held here goes inline."""
+        if isinstance(latent, RemoteLatent):
+            message = latent.message
+        else:
+            from services.common.tensor_codec import tensor_to_message
+
+            message = common_pb2.Latent(inline=tensor_to_message(latent))
+        req = vae_pb2.VAEDecodeRequest(inputs=[vae_pb2.VAEDecodeInput(latent=message)],
+                                       delivery=common_pb2.DELIVERY_INLINE, job_id=self.calls.job_id)
         with engine_errors():
             (out,) = self.stub.Decode(req, metadata=self.calls.metadata, timeout=self.calls.timeout).images
         return np.asarray(Image.open(io.BytesIO(out.png)).convert("RGB"))  # uint8 [H, W, 3]
@@ -188,7 +212,7 @@ class GrpcLLM:
                    controls: Controls | None = None, session: SessionRef | None = None) -> UnderstandResult:
         # Explicit parameters: the in-process engine's defaults, whatever the server's are.
         req = llm_pb2.GenerateTextRequest(items=[item_message(it, self.down) for it in items],
-                                          params=convert.text_params_message(params or TextParams()), think=think,
+                                          params=messages.text_params_message(params or TextParams()), think=think,
                                           session=_session_options(session))
         done = self._stream(self.stub.GenerateText, req, controls)
         return UnderstandResult(text=done.text, think=done.think or None, tokens=done.tokens)
@@ -197,16 +221,21 @@ class GrpcLLM:
                        think_params: TextParams | None = None, controls: Controls | None = None,
                        session: SessionRef | None = None) -> ImageResult:
         req = llm_pb2.GenerateImageRequest(items=[item_message(it, self.down) for it in items],
-                                           params=convert.image_params_message(params), think=think,
-                                           think_params=convert.text_params_message(think_params),
+                                           params=messages.image_params_message(params), think=think,
+                                           think_params=messages.text_params_message(think_params),
                                            delivery=self.delivery, job_id=self.calls.job_id,
                                            session=_session_options(session))
         done = self._stream(self.stub.GenerateImage, req, controls)
-        m = done.latent
-        latent = self.fetch(m.ref, m.inline if m.HasField("inline") else None)
         # With explicit noise the engine reports the seed it was given (None when none was).
         seed = params.seed if params.noise is not None else done.seed
-        return ImageResult(latent=latent, seed=seed, think=done.think or None)
+        return ImageResult(latent=RemoteLatent(done.latent, self.fetch), seed=seed, think=done.think or None)
+
+    def delete_session(self, session_id: str) -> bool:
+        """End a conversation now; False when the service had no such session."""
+        with engine_errors():
+            reply = self.stub.DeleteSession(llm_pb2.DeleteSessionRequest(session_id=session_id),
+                                            metadata=self.calls.metadata, timeout=self.calls.timeout)
+        return reply.deleted
 
     def _stream(self, method: Callable, request, controls: Controls | None):
         """Relay a stream's progress to controls, cancel the call when asked, return its final message."""
@@ -267,10 +296,9 @@ def remote_clients(vit: str, vae: str, llm: str, *, store: ObjectStore | None = 
     calls = CallOptions((("authorization", f"Bearer {token}"),) if token else (), timeout, job_id)
     fetch = Fetcher(store)
     by_key = common_pb2.DELIVERY_OBJECT if store is not None else common_pb2.DELIVERY_INLINE
-    final = common_pb2.DELIVERY_BOTH if store is not None else common_pb2.DELIVERY_INLINE
     channels = [channel(a) for a in (vit, vae, llm)]
     once = PngOnce()
     return RemoteClients(vit=GrpcViT(channels[0], calls, fetch, by_key, once),
                          vae=GrpcVAE(channels[1], calls, fetch, by_key, once),
-                         llm=GrpcLLM(channels[2], calls, fetch, final, cfg.ae.downsample), calls=calls,
+                         llm=GrpcLLM(channels[2], calls, fetch, by_key, cfg.ae.downsample), calls=calls,
                          channels=channels)

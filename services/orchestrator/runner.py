@@ -25,16 +25,13 @@ from typing import Callable
 
 import grpc
 import numpy as np
-import torch
 
-from services.common.images import ImageError
-from services.common.storage import (BadObjectKey, ObjectNotFound, ObjectStore, StorageConfig, StorageError,
-                                     job_prefix)
-from services.common.protos import jobs_pb2, llm_pb2, llm_pb2_grpc
-from services.llm.engine import Cancelled, Controls, InputError, Progress
+from services.common.contracts import Cancelled, Controls, JobNotFound, Progress, ServiceError
+from services.common.protos import jobs_pb2
+from services.common.storage import ObjectNotFound, ObjectStore, StorageConfig, StorageError, job_prefix
 from services.orchestrator import workflows as wf
 from services.orchestrator.janitor import Janitor, Sweep
-from services.orchestrator.jobs import STATE_NAMES, JobNotFound, JobStore, is_terminal, late_message
+from services.orchestrator.jobs import STATE_NAMES, JobStore, is_terminal, late_message
 from services.orchestrator.metrics import WorkerMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, plan_job
 from services.orchestrator.remote import remote_clients
@@ -83,90 +80,117 @@ class Runtime:
 
 def execute(job_id: str, rt: Runtime) -> None:
     """Run the job to its end (or leave it to the worker that owns it)."""
-    jobs, s = rt.jobs, rt.settings
+    if not _still_to_run(job_id, rt.jobs):
+        return
+    worker = _acquire_lease(job_id, rt)
+    if worker is None:
+        return
+    watcher = Watcher(rt.jobs, job_id, worker, rt.settings.lease_s, deadline_at=rt.jobs.get(job_id).deadline_at)
+    watcher.start()
+    rt.metrics.running.inc()
+    try:
+        _run_attempts(job_id, rt, watcher)
+    except Exception as e:  # noqa: BLE001 - a job must end, whatever broke
+        _end_failed(job_id, rt, watcher, e)
+    finally:
+        watcher.stop()
+        rt.jobs.release_lease(job_id, worker)
+        rt.metrics.running.dec()
+        _after_end(rt, job_id)
+
+
+def _still_to_run(job_id: str, jobs: JobStore) -> bool:
     try:
         job = jobs.get(job_id)
     except JobNotFound:
         log.warning("job record gone; dropping its message", extra={"job_id": job_id})
-        return
-    if is_terminal(job):
-        return  # a redelivery of a finished job
-    worker = f"{uuid.uuid4().hex[:12]}"
-    while not jobs.acquire_lease(job_id, worker, s.lease_s):
-        # Another worker runs it (a second delivery of its message): wait until the job ends, or until
-        # that worker's lease lapses because it died, and take the job over then.
-        time.sleep(min(5.0, s.lease_s / 3))
+        return False
+    return not is_terminal(job)  # else: a redelivery of a finished job
+
+
+def _acquire_lease(job_id: str, rt: Runtime) -> str | None:
+    """This worker's id once it holds the job's lease; None when the job ended (or vanished) meanwhile.
+    While another worker holds it (a second delivery of the message) wait: for the job to end, or for
+    that worker's lease to lapse because it died, and take the job over then."""
+    jobs, lease_s = rt.jobs, rt.settings.lease_s
+    worker = uuid.uuid4().hex[:12]
+    while not jobs.acquire_lease(job_id, worker, lease_s):
+        time.sleep(min(5.0, lease_s / 3))
         try:
             if is_terminal(jobs.get(job_id)):
-                return
+                return None
         except JobNotFound:
-            return
-    watcher = Watcher(jobs, job_id, worker, s.lease_s, deadline_at=job.deadline_at)
-    watcher.start()
-    rt.metrics.running.inc()
-    try:
-        while True:
-            if watcher.lost.is_set():
-                return  # (waiting for a retry) the janitor gave the job to another worker
-            job = jobs.start(job_id)
-            if job is None:
-                return  # ended meanwhile (cancelled while waiting to retry, say)
-            log.info("job started", extra={"job_id": job_id, "attempt": job.attempts})
-            try:
-                result = run(job_id, rt, watcher.controls)
-            except Transient as e:
-                if job.attempts > s.max_retries:
-                    jobs.fail(job_id, e.code, f"{e} (after {job.attempts} attempts)")
-                    return
-                # Wait here, lease held and renewed, rather than through a delayed message: the job stays
-                # owned, a cancellation ends the wait, and a worker that dies meanwhile is covered like
-                # one that dies mid-run (the janitor, or the redelivery of the unacknowledged message).
-                delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
-                jobs.requeue(job_id, f"{e.code}: {e}")
-                rt.metrics.retries.labels(e.code).inc()
-                log.warning("job retried", extra={"job_id": job_id, "code": e.code, "in_s": delay})
-                watcher.controls.cancel.wait(delay)
-                continue
-            jobs.succeed(job_id, result)
-            log.info("job succeeded", extra={"job_id": job_id})
-            return
-    except Exception as e:  # noqa: BLE001 - a job must end, whatever broke
-        if watcher.lost.is_set():
-            # This worker stalled past its lease and the job was queued again: the new owner ends it.
-            log.warning("job given up: its lease was lost", extra={"job_id": job_id})
-            return
-        code, message = _failure(e)
-        if watcher.late.is_set():
-            code, message = "DEADLINE_EXCEEDED", late_message(jobs.get(job_id))
-        if code == "INTERNAL":
-            log.exception("job failed", extra={"job_id": job_id})
-        jobs.fail(job_id, code, message)
-    finally:
-        watcher.stop()
-        jobs.release_lease(job_id, worker)
-        rt.metrics.running.dec()
-        _after_end(rt, job_id)
-    return
+            return None
+    return worker
+
+
+def _run_attempts(job_id: str, rt: Runtime, watcher: "Watcher") -> None:
+    """Attempts until the job succeeds, fails for good (raises), ends elsewhere or leaves this worker."""
+    while not watcher.lost.is_set():  # lost: the janitor gave the job to another worker
+        job = rt.jobs.start(job_id)
+        if job is None:
+            return  # ended meanwhile (cancelled while waiting to retry, say)
+        log.info("job started", extra={"job_id": job_id, "attempt": job.attempts})
+        try:
+            result = run(job_id, rt, watcher.controls)
+        except Transient as e:
+            if not _wait_to_retry(job, e, rt, watcher):
+                return
+            continue
+        rt.jobs.succeed(job_id, result)
+        log.info("job succeeded", extra={"job_id": job_id})
+        return
+
+
+def _wait_to_retry(job: jobs_pb2.Job, e: "Transient", rt: Runtime, watcher: "Watcher") -> bool:
+    """After a transient failure: False when the job failed for good (too many attempts), else True once
+    the backoff has passed (or a cancellation cut it short)."""
+    s = rt.settings
+    if job.attempts > s.max_retries:
+        rt.jobs.fail(job.id, e.code, f"{e} (after {job.attempts} attempts)")
+        return False
+    # Wait here, lease held and renewed, rather than through a delayed message: the job stays owned, a
+    # cancellation ends the wait, and a worker that dies meanwhile is covered like one that dies mid-run
+    # (the janitor, or the redelivery of the unacknowledged message).
+    delay = min(60.0, s.retry_backoff_s * 2 ** (job.attempts - 1))
+    rt.jobs.requeue(job.id, f"{e.code}: {e}")
+    rt.metrics.retries.labels(e.code).inc()
+    log.warning("job retried", extra={"job_id": job.id, "code": e.code, "in_s": delay})
+    watcher.controls.cancel.wait(delay)
+    return True
+
+
+def _end_failed(job_id: str, rt: Runtime, watcher: "Watcher", e: Exception) -> None:
+    if watcher.lost.is_set():
+        # This worker stalled past its lease and the job was queued again: the new owner ends it.
+        log.warning("job given up: its lease was lost", extra={"job_id": job_id})
+        return
+    code, message = _failure(e)
+    if watcher.late.is_set():
+        code, message = "DEADLINE_EXCEEDED", late_message(rt.jobs.get(job_id))
+    if code == "INTERNAL":
+        log.exception("job failed", extra={"job_id": job_id})
+    rt.jobs.fail(job_id, code, message)
 
 
 def delete_session(session_id: str, rt: Runtime) -> bool:
     """End a session on the LLM service; False when it had no such session."""
     s = rt.settings
-    metadata = (("authorization", f"Bearer {s.auth_token}"),) if s.auth_token else ()
-    with grpc.insecure_channel(s.llm_addr) as channel:
-        reply = llm_pb2_grpc.LLMServiceStub(channel).DeleteSession(
-            llm_pb2.DeleteSessionRequest(session_id=session_id), metadata=metadata, timeout=30)
-    return reply.deleted
+    clients = remote_clients(s.vit_addr, s.vae_addr, s.llm_addr, token=s.auth_token, timeout=30)
+    try:
+        return clients.llm.delete_session(session_id)
+    finally:
+        clients.close()
 
 
 def _failure(e: Exception) -> tuple[str, str]:
-    """The status code and message a job ends with."""
+    """The status code and message a job ends with: what the error declares (contracts/errors.py), or the
+    service's status. Anything else is a bug here (INTERNAL, logged with its traceback), including a plain
+    ValueError, which the gRPC layer would have read as the caller's fault."""
     if isinstance(e, Cancelled):
         return "CANCELLED", "cancelled"
-    if isinstance(e, (InputError, ImageError, BadObjectKey)):
-        return "INVALID_ARGUMENT", str(e)
-    if isinstance(e, ObjectNotFound):
-        return "NOT_FOUND", str(e)
+    if isinstance(e, ServiceError):
+        return e.grpc_code, str(e)
     if isinstance(e, grpc.RpcError):
         return e.code().name, e.details() or e.code().name
     return "INTERNAL", f"{type(e).__name__}: {e}"
@@ -245,7 +269,7 @@ class _ReportingVAE:
     def encode(self, image):
         return self.inner.encode(image)
 
-    def decode(self, latent: torch.Tensor) -> np.ndarray:
+    def decode(self, latent) -> np.ndarray:
         self.controls.check()
         self.controls.report(Progress("decode", 0, 1))
         return self.inner.decode(latent)

@@ -3,28 +3,23 @@
 Written against three small client interfaces, so the same functions run in-process (tests, the
 single-machine CLI) and distributed (the orchestrator's Celery tasks call gRPC clients with the same
 methods). The LLM side builds the three CFG contexts itself from the ordered item list.
+
+The workflows never look inside a tensor: features and latents go from one client to the next as the
+clients return them (tensors in-process; stored objects' handles through the services), so this module
+runs in the torch-free worker as it does in-process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
+from services.common.contracts import (ContextItem, Controls, ImageParams, ImageResult, SessionRef, TextItem,
+                                       TextParams, UnderstandResult, VAEImageItem, ViTImageItem)
 from services.common.images import vae_resize
-from services.llm.engine import (ContextItem, Controls, ImageParams, ImageResult, TextItem, TextParams,
-                                 UnderstandResult, VAEImageItem, ViTImageItem)
-
-
-@dataclass(frozen=True)
-class SessionRef:
-    """A conversation kept by the LLM service between calls (multi-turn chat, iterative editing)."""
-
-    id: str
-    ttl_s: int = 0  # idle time before the service frees it; 0 = the service's default
 
 
 class ViTClient(Protocol):
@@ -34,19 +29,19 @@ class ViTClient(Protocol):
 class VAEClient(Protocol):
     def encode(self, image: Image.Image) -> VAEImageItem: ...
 
-    def decode(self, latent: torch.Tensor) -> np.ndarray: ...
+    def decode(self, latent: Any) -> np.ndarray: ...  # the LLM client's ImageResult.latent
 
 
 class LLMClient(Protocol):
-    """`session` is taken by the gRPC client (the LLM service keeps sessions); the in-process engine takes
-    its own Session objects instead, so the workflows pass it only when one is given."""
+    """The in-process engine (services/llm/sessions.py InProcessLLM) and the gRPC client take the same
+    `session`: a SessionRef naming the conversation the request continues."""
 
     def understand(self, items: Sequence[ContextItem], params: TextParams | None = None, think: bool = False,
-                   controls: Controls | None = None, **session) -> UnderstandResult: ...
+                   controls: Controls | None = None, session: SessionRef | None = None) -> UnderstandResult: ...
 
     def generate_image(self, items: Sequence[ContextItem], params: ImageParams, think: bool = False,
                        think_params: TextParams | None = None, controls: Controls | None = None,
-                       **session) -> ImageResult: ...
+                       session: SessionRef | None = None) -> ImageResult: ...
 
 
 @dataclass
@@ -59,16 +54,12 @@ class Clients:
 @dataclass
 class GeneratedImage:
     pixels: np.ndarray  # uint8 [H, W, 3]
-    latent: torch.Tensor
+    latent: Any         # as the LLM client returned it (a tensor in-process)
     seed: int | None
     think: str | None
 
     def to_pil(self) -> Image.Image:
         return Image.fromarray(self.pixels)
-
-
-def _session(session: SessionRef | None) -> dict:
-    return {"session": session} if session is not None else {}
 
 
 def understand(c: Clients, image: Image.Image | None, prompt: str, params: TextParams | None = None,
@@ -79,14 +70,14 @@ def understand(c: Clients, image: Image.Image | None, prompt: str, params: TextP
     if image is not None:
         # The reference applies the VAE resize to every input image first, even for understanding.
         items += c.vit.encode([vae_resize(image)])
-    return c.llm.understand([*items, TextItem(prompt)], params, think, controls, **_session(session))
+    return c.llm.understand([*items, TextItem(prompt)], params, think, controls, session=session)
 
 
 def generate(c: Clients, prompt: str, params: ImageParams | None = None, think: bool = False,
              think_params: TextParams | None = None, controls: Controls | None = None,
              session: SessionRef | None = None) -> GeneratedImage:
     res = c.llm.generate_image([TextItem(prompt)], params or ImageParams(), think, think_params, controls,
-                               **_session(session))
+                               session=session)
     return GeneratedImage(c.vae.decode(res.latent), res.latent, res.seed, res.think)
 
 
@@ -103,5 +94,5 @@ def edit(c: Clients, image: Image.Image, prompt: str, params: ImageParams | None
     params = replace(params or edit_params(image), width=img.size[0], height=img.size[1])
     # The input image enters as a clean VAE block, then as a ViT block at the next position.
     items: list[ContextItem] = [c.vae.encode(img), *c.vit.encode([img]), TextItem(prompt)]
-    res = c.llm.generate_image(items, params, think, think_params, controls, **_session(session))
+    res = c.llm.generate_image(items, params, think, think_params, controls, session=session)
     return GeneratedImage(c.vae.decode(res.latent), res.latent, res.seed, res.think)

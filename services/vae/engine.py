@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import Checkpoint
-from services.common.images import ImageError, to_tensor
-from services.llm.engine import VAEImageItem
+from services.common.images import ImageError
+from services.common.tensor_codec import to_tensor
+from services.common.contracts import VAEImageItem
 from services.vae.model import AutoEncoder, to_uint8_image
 
 

@@ -13,8 +13,7 @@ from PIL import Image
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
 from services.common.images import VAE_RESIZE, load_image, vae_resize
-from services.common.kserve import SERVICE_NAME as KSERVE_SERVICE
-from services.common.kserve import KServeModel, KServeServicer, TensorSpec, add_kserve
+from services.common.kserve import add_kserve, KServeModel, KServeServicer, SERVICE_NAME as KSERVE_SERVICE, TensorSpec
 from services.common.protos import common_pb2, service_name, vae_pb2, vae_pb2_grpc
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import check_active

@@ -9,9 +9,10 @@ from PIL import Image
 
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
-from services.common.images import to_tensor, vit_resize
+from services.common.images import vit_resize
+from services.common.tensor_codec import to_tensor
 from services.llm.attention import get_backend
-from services.llm.engine import ViTImageItem
+from services.common.contracts import ViTImageItem
 from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
 
 

@@ -12,12 +12,11 @@ import torch
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
 from services.common.images import VIT_RESIZE, load_image, resize_size
-from services.common.kserve import SERVICE_NAME as KSERVE_SERVICE
-from services.common.kserve import KServeModel, KServeServicer, TensorSpec, add_kserve
+from services.common.kserve import add_kserve, KServeModel, KServeServicer, SERVICE_NAME as KSERVE_SERVICE, TensorSpec
 from services.common.protos import common_pb2, service_name, vit_pb2, vit_pb2_grpc
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import check_active
-from services.common.rpc.errors import TooLarge
+from services.common.contracts import TooLarge
 from services.common.rpc.payloads import InputImage, Payloads, check_count
 from services.common.storage import ObjectStore, digest
 from services.vit.engine import ViTEngine

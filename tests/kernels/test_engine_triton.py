@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from services.llm.attention import SDPABackend, get_backend
-from services.llm.engine import ImageParams, LLMEngine, TextItem, TextParams, VAEImageItem, ViTImageItem
+from services.llm.engine import LLMEngine
+from services.common.contracts import ImageParams, TextItem, TextParams, VAEImageItem, ViTImageItem
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import torch
 
 from services.common.images import vae_resize
 from services.common.protos import common_pb2, llm_pb2
-from services.llm import convert
-from services.llm.engine import Cancelled, ImageParams, InputError, TextItem, TextParams, VAEImageItem
+from services.common.contracts import Cancelled, ImageParams, InputError, messages, TextItem, TextParams, VAEImageItem
 from services.llm.server import LLM_SERVICE
 from services.orchestrator import workflows as wf
 from services.orchestrator.remote import RemoteViTImageItem, remote_clients
@@ -39,7 +38,7 @@ def test_text_to_image_distributed_equals_in_process(remote, clients, store):
     got = wf.generate(remote, "a red boat on a lake", params)
     want = wf.generate(clients, "a red boat on a lake", params)
     assert got.seed == want.seed == 21
-    assert torch.equal(got.latent, want.latent)
+    assert torch.equal(got.latent.fetch(), want.latent)
     assert got.pixels.dtype == np.uint8 and np.array_equal(got.pixels, want.pixels)
     stored = [k for k in _keys(store, "jobs/job-distributed/latents/")]
     assert any(torch.equal(store.get_tensor(k), want.latent) for k in stored)  # the LLM kept it under the job
@@ -55,8 +54,8 @@ def test_edit_distributed_equals_in_process(remote, clients, monkeypatch):
     params = wf.edit_params(image, num_timesteps=3, seed=4)
     got = wf.edit(remote, image, "make it blue", params)
     want = wf.edit(clients, image, "make it blue", params)
-    assert got.latent.shape == (16, 64, 64) and got.pixels.shape == (512, 512, 3)
-    assert torch.equal(got.latent, want.latent) and np.array_equal(got.pixels, want.pixels)
+    assert got.latent.fetch().shape == (16, 64, 64) and got.pixels.shape == (512, 512, 3)
+    assert torch.equal(got.latent.fetch(), want.latent) and np.array_equal(got.pixels, want.pixels)
     assert encoded == [(512, 512)]  # the resized input went to the ViT and the VAE as one PNG encode
 
 
@@ -105,9 +104,9 @@ def test_a_latent_sent_inline_is_sized_by_the_configs_downsample(tiny_ckpt):
     cfg = replace(tiny_ckpt.config, ae=replace(tiny_ckpt.config.ae, ch_mult=(1, 1, 2, 2, 2)))
     assert cfg.ae.downsample == 16
     latent = torch.zeros(16, 3, 5)
-    assert convert.latent_message(latent, down=cfg.ae.downsample).size == common_pb2.ImageSize(width=80, height=48)
+    assert messages.latent_message(latent, down=cfg.ae.downsample).size == common_pb2.ImageSize(width=80, height=48)
     with pytest.raises(TypeError):
-        convert.latent_message(latent)  # no default to fall back on
+        messages.latent_message(latent)  # no default to fall back on
 
     seen = []
 

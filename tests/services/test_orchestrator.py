@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 
 from services.common.protos import jobs_pb2, jobs_pb2_grpc, llm_pb2
-from services.llm.engine import ImageParams, TextParams
-from services.orchestrator import gateway as gateway_module
-from services.orchestrator import runner as runner_module
-from services.orchestrator import workflows as wf
+from services.common.contracts import ImageParams, SessionRef, TextParams
+from services.orchestrator import runner as runner_module, workflows as wf
 from services.orchestrator.celery_app import make_app
-from services.orchestrator.gateway import GatewayProcess, build_gateway
+from services.orchestrator.gateway import GatewayProcess, build_gateway, http_api
 from services.orchestrator.jobs import JobStore
 from services.orchestrator.runner import Runtime, execute
 from services.orchestrator.settings import QUEUE, OrchestratorSettings
@@ -296,7 +294,7 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
                           ).status_code == 400
     assert orch.http.post("/v1/jobs", params={"wait": -1}, json={"workflow": "generate", "prompt": "x"}
                           ).status_code == 400
-    monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(http_api, "MAX_BODY_BYTES", 1000)
     r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "image": "A" * 2000})
     assert r.status_code == 413
     chunked = (part for part in [b'{"workflow": "understand", "prompt": "', b"x" * 2000, b'"}'])
@@ -563,8 +561,8 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     """Turn 1 asks about an image, turn 2 asks a follow-up without it: through the job API (the LLM
     service keeps the session) the answers equal the engine's own two-turn session in-process."""
     from services.common.images import vae_resize
-    from services.llm.engine import TextItem
-    from services.llm.sessions import SessionStore
+    from services.common.contracts import TextItem
+    from services.llm.sessions import InProcessLLM
 
     image = noise_image(24, 24, seed=12)
     turns = [({"image": b64(png_bytes(image))}, "what is in it?"), ({}, "and what colour is it?")]
@@ -576,16 +574,11 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
         assert job["state"] == "JOB_STATE_SUCCEEDED", job
         got.append(job["result"]["text"])
 
-    sessions = SessionStore(engine)
+    in_process = InProcessLLM(engine)
     (vit,) = clients.vit.encode([vae_resize(image)])
-    want = []
-    for items in ([vit, TextItem("what is in it?")], [TextItem("and what colour is it?")]):
-        s = sessions.acquire("chat-7", create=True)
-        try:
-            want.append(engine.understand(items, TextParams(max_new_tokens=4), session=s).text)
-        finally:
-            sessions.release(s)
-    sessions.close()
+    want = [in_process.understand(items, TextParams(max_new_tokens=4), session=SessionRef("chat-7")).text
+            for items in ([vit, TextItem("what is in it?")], [TextItem("and what colour is it?")])]
+    in_process.sessions.close()
     assert got == want
     # Without the session the follow-up has no image to talk about: refused at the door.
     r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "and what colour is it?"})

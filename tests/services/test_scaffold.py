@@ -210,7 +210,7 @@ def test_tls(make_server, tmp_path):
 def test_streaming_rpcs_get_the_same_policies(make_server):
     """What the LLM server's streams rely on: errors mid-stream map to a status, cancels reach the handler."""
     from services.common.rpc.deadlines import cancel_event
-    from services.llm.engine import InputError
+    from services.common.contracts import InputError
 
     cancel_events: list[threading.Event] = []
 

@@ -6,8 +6,7 @@ import threading
 
 import grpc
 
-from services.common.rpc.errors import DeadlineExceeded
-from services.llm.engine import Cancelled
+from services.common.contracts import Cancelled, DeadlineExceeded
 
 _NO_DEADLINE = 1e7  # grpc reports a huge time_remaining() when the client set no deadline
 

@@ -14,7 +14,7 @@ from typing import Generic, Iterator, TypeVar
 import grpc
 
 from services.common.rpc.deadlines import check_active, time_remaining
-from services.common.rpc.errors import DeadlineExceeded, NotReady
+from services.common.contracts import DeadlineExceeded, NotReady
 
 E = TypeVar("E")
 

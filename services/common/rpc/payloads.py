@@ -10,7 +10,7 @@ from PIL import Image
 
 from services.common.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, load_image
 from services.common.protos import common_pb2
-from services.common.rpc.errors import TooLarge
+from services.common.contracts import TooLarge
 from services.common.rpc.logs import current_request_id
 from services.common.storage import ObjectStore, StorageNotConfigured, check_key, output_key
 from services.common.tensor_codec import check_declared, enum_from_dtype, tensor_from_message, tensor_to_message
