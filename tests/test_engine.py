@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from services.attention import SDPABackend
 from services.common.images import ImageError
-from services.llm.attention import SDPABackend
 from services.llm.engine import (CFGContexts, Controls, ImageParams, InputError, LLMEngine, TextItem, TextParams,
                                  VAEImageItem, ViTImageItem, Cancelled, GENERATE_THINK_PROMPT)
 from services.orchestrator import workflows as wf

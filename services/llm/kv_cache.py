@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.llm.attention import gather_prefix
+from services.attention import gather_prefix
 
 
 class KVCacheFull(RuntimeError):

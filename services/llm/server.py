@@ -35,7 +35,7 @@ from services.common.rpc.errors import DeadlineExceeded, NotReady
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, InputError, LLMEngine, Progress
 from services.llm.scheduler import Scheduler
 from services.llm.sessions import Session, SessionNotFound, SessionStore

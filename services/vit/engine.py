@@ -10,7 +10,7 @@ from PIL import Image
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
 from services.common.images import to_tensor, vit_resize
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.llm.engine import ViTImageItem
 from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.llm.attention import SDPABackend, get_backend
+from services.attention import SDPABackend, get_backend
 from services.llm.engine import ImageParams, LLMEngine, TextItem, TextParams, VAEImageItem, ViTImageItem
 
 
