@@ -1,20 +1,23 @@
 """Attention benchmark: Triton kernels vs torch SDPA (vs flash-attn when importable) at BAGEL-7B shapes.
 
+flash-attn is not one of the project's attention backends (services/attention has `sdpa` and `triton`):
+here it is an external baseline, timed only when the flash_attn package happens to be installed.
+
     python benchmarks/attention.py                       # CUDA, bf16, all cases
     python benchmarks/attention.py --cases decode,vit    # a subset
     python benchmarks/attention.py --device cpu --small  # tiny shapes under the Triton interpreter (smoke)
 
 Backends per case:
-  triton     services.llm.kernels (paged cache read through block tables)
+  triton     services.attention.triton (paged cache read through block tables)
   sdpa       the reference SDPABackend: one torch SDPA call per sequence, prefix gathered, GQA repeated
   sdpa_best  torch F.scaled_dot_product_attention on contiguous [B, H, L, D] tensors prepared outside
              the timed region (no gather, KV heads pre-expanded): torch's best FLOP rate at that shape
-  flash      flash_attn_varlen_func (contiguous K/V) / flash_attn_with_kvcache (paged, 256-token pages);
-             skipped when flash_attn is not importable
+  flash      external baseline: flash_attn_varlen_func (contiguous K/V) / flash_attn_with_kvcache (paged,
+             256-token pages); skipped when flash_attn is not importable
 
 FLOPs: 4 * sum_seqs(q_len * k_len_effective) * Hq * D, the new block counted half when causal
-(services.llm.kernels.paged_prefill.prefill_flops). The ViT case counts its real D = 72, not the
-kernel's 64 + 16 dot columns (services.llm.kernels.varlen.split_head_dim), so its TFLOP/s compare
+(services.attention.triton.paged_prefill.prefill_flops). The ViT case counts its real D = 72, not the
+kernel's 64 + 16 dot columns (services.attention.triton.varlen.split_head_dim), so its TFLOP/s compare
 directly with SDPA's. Decode also reports GB/s: every cached K and V byte read once. Before timing
 each case the Triton output is checked against sdpa (max abs error).
 
@@ -68,11 +71,11 @@ if ARGS is not None and ARGS.device == "cpu":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from services.llm.attention import AttentionMetadata, SDPABackend  # noqa: E402
-from services.llm.kernels.backend import TritonBackend  # noqa: E402
-from services.llm.kernels.paged_decode import choose_partition, decode_kv_bytes, paged_decode  # noqa: E402
-from services.llm.kernels.paged_prefill import paged_prefill, prefill_flops  # noqa: E402
-from services.llm.kernels.varlen import varlen_attention as triton_varlen  # noqa: E402
+from services.attention import AttentionMetadata, SDPABackend  # noqa: E402
+from services.attention.triton.backend import TritonBackend  # noqa: E402
+from services.attention.triton.paged_decode import choose_partition, decode_kv_bytes, paged_decode  # noqa: E402
+from services.attention.triton.paged_prefill import paged_prefill, prefill_flops  # noqa: E402
+from services.attention.triton.varlen import varlen_attention as triton_varlen  # noqa: E402
 
 try:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -146,7 +149,10 @@ def make_paged_inputs(case: Case, page: int, dtype, device):
     for i, n in enumerate(nblk):
         table[i, :n] = torch.tensor(ids[:n], dtype=torch.int32)
         ids = ids[n:]
-    meta = AttentionMetadata.build(case.q_lens, case.ctx_lens, case.causal, table.to(device), page)
+    # Prepared for the Triton backend, as the engine does once per forward: the timed calls do not redo
+    # the per-batch work (the SDPA backend ignores it).
+    meta = TritonBackend().prepare(AttentionMetadata.build(case.q_lens, case.ctx_lens, case.causal,
+                                                           table.to(device), page))
     t = sum(case.q_lens)
     q = torch.randn(t, case.hq, case.d, dtype=dtype, device=device)
     k_new = torch.randn(t, case.hkv, case.d, dtype=dtype, device=device)

@@ -20,7 +20,7 @@ import torch
 
 from services.common.config import preset
 from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.llm.engine import LLMEngine
 from services.common.contracts import ImageParams, TextItem, TextParams, VAEImageItem, ViTImageItem
 from services.llm.model import BagelLLM

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.attention import backend_names
 from services.common.checkpoint import Checkpoint, CheckpointError, init_checkpoint
 from services.common.config import PRESETS
 from services.common.images import ImageError, load_image
@@ -225,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--checkpoint", help="checkpoint directory (default: the embedded tiny model)")
         sp.add_argument("--device", default="cpu")
-        sp.add_argument("--attention", help="attention backend (sdpa, triton, flash)")
+        sp.add_argument("--attention", choices=backend_names(),
+                        help="attention backend (default: triton on CUDA, sdpa elsewhere; BAGEL_ATTENTION_BACKEND "
+                             "overrides the default)")
         sp.add_argument("--think", action="store_true", help="think before answering / generating")
         sp.add_argument("--seed", type=int)
 
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-output")
     d.add_argument("--checkpoint")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--attention", help="attention backend (with --in-process)")
+    d.add_argument("--attention", choices=backend_names(), help="attention backend (with --in-process)")
     d.add_argument("--in-process", action="store_true", help="run the engines in this process, no services")
     d.set_defaults(func=cmd_demo)
 

@@ -63,7 +63,7 @@ def cancel_at_step():
 @pytest.fixture()
 def engine(llm):
     """A private engine on the shared model: its own KV cache, checked empty after the test."""
-    from services.llm.attention import SDPABackend
+    from services.attention import SDPABackend
     from services.llm.engine import LLMEngine
 
     eng = LLMEngine(llm.model, llm.tok, attention=SDPABackend(), kv_cache_tokens=16384)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from services.attention import SDPABackend
 from services.common.images import ImageError
-from services.llm.attention import SDPABackend
 from services.llm.engine import CFGContexts, GENERATE_THINK_PROMPT, LLMEngine
 from services.common.contracts import (Cancelled, Controls, ImageParams, InputError, TextItem, TextParams,
                                        VAEImageItem, ViTImageItem)

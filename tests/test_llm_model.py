@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.llm.attention import SDPABackend
+from services.attention import SDPABackend
 from services.llm.engine import Block, LLMEngine
 from services.common.contracts import Controls, ImageParams, TextItem, TextParams, ViTImageItem
 

@@ -3,8 +3,8 @@ import re
 import pytest
 import torch
 
+from services.attention import SDPABackend
 from services.common.config import ViTConfig
-from services.llm.attention import SDPABackend
 from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
 
 TINY = ViTConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)

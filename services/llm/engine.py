@@ -23,7 +23,7 @@ from services.common.contracts import (ANSWER_TOKENS, THINK_END, THINK_TOKENS, C
                                        ImageResult, InputError, Progress, TextItem, TextParams, UnderstandResult,
                                        VAEImageItem, ViTImageItem)
 from services.common.tokenizer import BagelTokenizer
-from services.llm.attention import AttentionBackend, AttentionMetadata, get_backend
+from services.attention import AttentionBackend, AttentionMetadata, get_backend
 from services.llm.flow import apply_cfg, cfg_active, sample_token, timestep_schedule
 from services.llm.kv_cache import KVContext, PagedKVCache
 from services.llm.model import BagelLLM
@@ -151,6 +151,7 @@ class LLMEngine:
         meta = AttentionMetadata.build(q_lens, ctx_lens, [b.causal for b in blocks],
                                        self.cache.block_table(ctxs, ctx_lens), self.cache.block_size)
         cache, attention, scale = self.cache, self.attention, self.scale
+        meta = attention.prepare(meta)  # the backend's per-batch work, once for all layers
 
         def attend_layer(i: int, q, k, v):
             if slots is not None:

@@ -17,7 +17,7 @@ import torch
 
 from services.common.contracts import ResourceExhausted
 
-from services.llm.attention import gather_prefix
+from services.attention import gather_prefix
 
 
 class KVCacheFull(ResourceExhausted):

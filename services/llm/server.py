@@ -36,7 +36,7 @@ from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, Deadl
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.llm.engine import CFGContexts, LLMEngine
 from services.llm.scheduler import Scheduler
 from services.llm.sessions import Session, SessionStore

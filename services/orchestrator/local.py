@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from services.common.checkpoint import Checkpoint
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.llm.engine import LLMEngine
 from services.llm.sessions import InProcessLLM
 from services.orchestrator.workflows import Clients

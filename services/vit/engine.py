@@ -11,7 +11,7 @@ from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
 from services.common.images import vit_resize
 from services.common.tensor_codec import to_tensor
-from services.llm.attention import get_backend
+from services.attention import get_backend
 from services.common.contracts import ViTImageItem
 from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.config import ViTConfig
-from services.llm.attention import SDPABackend
+from services.attention import SDPABackend
 
 
 class SiglipEmbeddings(nn.Module):

@@ -6,10 +6,12 @@
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before
 triton and this module are imported). Importing this module without triton raises ImportError, which
-the registry in services/llm/attention.py treats as "backend not available".
+the registry reports as BackendUnavailable.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -17,11 +19,13 @@ try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
     from triton.runtime.interpreter import InterpretedFunction
-except Exception as e:  # a broken install too: the registry only skips on ImportError
+except Exception as e:  # a broken install too: the registry only expects ImportError
     raise ImportError(f"triton attention backend needs triton: {e}") from e
 
-from services.llm.attention import AttentionMetadata, register_backend
+from services.attention.base import BackendUnavailable
+from services.attention.metadata import AttentionMetadata
 
+from .batch import TritonBatch, _as_index
 from .paged_decode import paged_decode
 from .paged_prefill import _paged_prefill_kernel, paged_prefill
 from .varlen import varlen_attention as _varlen
@@ -42,7 +46,7 @@ def _check_device(device: torch.device, others) -> None:
     if device.type == "cuda" or kernels_interpreted():
         return  # (the interpreter also takes CUDA tensors: it copies them to the host, slow but correct)
     raise RuntimeError(f"triton attention on {device} tensors needs the Triton interpreter: set "
-                       "TRITON_INTERPRET=1 before importing triton / services.llm.kernels")
+                       "TRITON_INTERPRET=1 before importing triton / services.attention.triton")
 
 
 def _check_last_dim_contiguous(names: str, tensors) -> None:
@@ -52,59 +56,20 @@ def _check_last_dim_contiguous(names: str, tensors) -> None:
                              f"got strides {tuple(t.stride())}; call .contiguous() first")
 
 
-def _as_index(t: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    """Small int32 metadata tensors: converted (cheap) rather than rejected."""
-    if t.device != device:
-        raise ValueError(f"triton attention: meta.{name} is on {t.device}, the tensors on {device}")
-    if t.dtype != torch.int32 or not t.is_contiguous():
-        t = t.to(torch.int32).contiguous()
-    return t
-
-
-class _KernelMeta:
-    """What the kernels read from an AttentionMetadata: its index tensors as contiguous int32 on the
-    compute device, checked once. Cached on the metadata object (one batch's metadata serves every
-    layer), so the metadata must not be mutated after its first use; the prefill tile map is cached
-    alongside."""
-
-    def __init__(self, meta: AttentionMetadata, device: torch.device):
-        b = len(meta.q_lens)
-        if len(meta.ctx_lens) != b or len(meta.causal) != b:
-            raise ValueError(f"triton attention: meta has {b} q_lens, {len(meta.ctx_lens)} ctx_lens, "
-                             f"{len(meta.causal)} causal flags")
-        if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != b:
-            raise ValueError(f"triton attention: block_tables must be [B={b}, max_blocks], got "
-                             f"{tuple(meta.block_tables.shape)}")
-        need_blocks = max([-(-c // meta.block_size) for c in meta.ctx_lens], default=0)
-        if need_blocks > meta.block_tables.shape[1]:
-            raise ValueError(f"triton attention: a prefix needs {need_blocks} blocks, block_tables has "
-                             f"{meta.block_tables.shape[1]} columns")
-        self.device = device
-        self.q_lens, self.ctx_lens, self.causal = meta.q_lens, meta.ctx_lens, meta.causal
-        self.block_size = meta.block_size
-        self.total_q = sum(meta.q_lens)
-        self.decode = b > 0 and all(n == 1 for n in meta.q_lens)
-        self.cu_q = _as_index(meta.cu_q, "cu_q", device)
-        self.ctx_lens_t = _as_index(meta.ctx_lens_t, "ctx_lens_t", device)
-        self.causal_t = _as_index(meta.causal_t, "causal_t", device)
-        self.block_tables = _as_index(meta.block_tables, "block_tables", device)
-        self._triton_tile_maps: dict = {}
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_lens)
-
-    @staticmethod
-    def of(meta: AttentionMetadata, device: torch.device) -> "_KernelMeta":
-        km = meta.__dict__.get("_triton_kernel_meta")
-        if km is None or km.device != device:
-            km = _KernelMeta(meta, device)
-            meta.__dict__["_triton_kernel_meta"] = km
-        return km
-
-
 class TritonBackend:
     name = "triton"
+
+    def __init__(self):
+        # Fail here, with the fix in the message, not at the first launch deep inside triton.
+        if not (torch.cuda.is_available() or kernels_interpreted()):
+            raise BackendUnavailable("attention backend 'triton' needs a CUDA GPU, or the Triton interpreter "
+                                     "for CPU tensors (TRITON_INTERPRET=1 set before the kernels are first "
+                                     "imported); the 'sdpa' backend runs anywhere")
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Check the batch and convert its index tensors once for every layer (on the metadata's device)."""
+        batch = TritonBatch.build(meta, meta.block_tables.device)
+        return dataclasses.replace(meta, backend_state=batch)
 
     def paged_attention(self, q, k_new, v_new, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if q.dim() != 3 or k_new.dim() != 3 or v_new.dim() != 3:
@@ -133,15 +98,15 @@ class TritonBackend:
                             f"{v_cache.dtype}")
         _check_device(q.device, (k_new, v_new, k_cache, v_cache))
         _check_last_dim_contiguous("q k_new v_new k_cache v_cache", (q, k_new, v_new, k_cache, v_cache))
-        km = _KernelMeta.of(meta, q.device)
-        if km.total_q != tq:
-            raise ValueError(f"triton attention: meta describes {km.total_q} new tokens in {km.num_seqs} "
+        batch = TritonBatch.of(meta, q.device)
+        if batch.total_q != tq:
+            raise ValueError(f"triton attention: meta describes {batch.total_q} new tokens in {batch.num_seqs} "
                              f"sequences, q has {tq}")
         if tq == 0:
             return torch.empty_like(q)
-        if km.decode:
-            return paged_decode(q, k_new, v_new, k_cache, v_cache, km, scale)
-        return paged_prefill(q, k_new, v_new, k_cache, v_cache, km, scale)
+        if batch.decode:
+            return paged_decode(q, k_new, v_new, k_cache, v_cache, batch, scale)
+        return paged_prefill(q, k_new, v_new, k_cache, v_cache, batch, scale)
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
         if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -162,5 +127,3 @@ class TritonBackend:
         cu = _as_index(cu_seqlens, "cu_seqlens", q.device)
         return _varlen(q, k, v, cu, int(max_seqlen), scale)
 
-
-register_backend("triton", TritonBackend)

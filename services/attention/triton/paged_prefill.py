@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from services.attention.metadata import AttentionMetadata
+
+from .batch import TritonBatch
+
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max: a row whose every key is masked in one block then
 # gives exp2(-inf - m) = 0 and alpha = 1 instead of NaN from (-inf) - (-inf).
@@ -253,21 +257,21 @@ def build_tile_map(q_lens: list[int], ctx_lens: list[int], causal: list[bool], b
     return seq.to(device, non_blocking=True), m0.to(device, non_blocking=True)
 
 
-def _cached_tile_map(meta, block_m: int, device):
-    # One batch's metadata serves every layer: build (and copy to the device) its tile map once.
-    cache = meta.__dict__.setdefault("_triton_tile_maps", {})
-    key = (block_m, str(device))
-    if key not in cache:
-        cache[key] = build_tile_map(meta.q_lens, meta.ctx_lens, meta.causal, block_m, device)
-    return cache[key]
+def _tile_map(batch: TritonBatch, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # One batch serves every layer: build (and copy to the device) its tile map once per BLOCK_M.
+    if block_m not in batch.tile_maps:
+        batch.tile_maps[block_m] = build_tile_map(batch.q_lens, batch.ctx_lens, batch.causal, block_m, batch.device)
+    return batch.tile_maps[block_m]
 
 
 def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, meta, scale: float, *, block_m: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None,
+                  v_cache: torch.Tensor, meta: AttentionMetadata | TritonBatch, scale: float, *,
+                  block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, page_tiles: bool | None = None) -> torch.Tensor:
     """Packed prefill/denoise attention. Shapes as AttentionBackend.paged_attention (validated by the
-    backend); the keyword arguments override the launch config (benchmarks, tests)."""
+    backend); `meta` prepared or not (see batch.py); the keyword arguments override the launch config
+    (benchmarks, tests)."""
+    batch = TritonBatch.of(meta, q.device)
     tq, hq, d = q.shape
     hkv = k_new.shape[1]
     out = torch.empty_like(q)
@@ -279,12 +283,12 @@ def paged_prefill(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
     block_n = block_n or cfg["BLOCK_N"]
     if block_m < 16 or block_n < 16 or block_m % block_n:
         raise ValueError(f"need BLOCK_M, BLOCK_N >= 16 and BLOCK_M % BLOCK_N == 0, got {block_m}, {block_n}")
-    tile_seq, tile_m0 = _cached_tile_map(meta, block_m, q.device)
-    bt = meta.block_tables
+    tile_seq, tile_m0 = _tile_map(batch, block_m)
+    bt = batch.block_tables
     grid = (tile_seq.numel(), hq)
     _paged_prefill_kernel[grid](
         q, k_new, v_new, k_cache, v_cache, out,
-        meta.cu_q, meta.ctx_lens_t, meta.causal_t, bt, tile_seq, tile_m0,
+        batch.cu_q, batch.ctx_lens_t, batch.causal_t, bt, tile_seq, tile_m0,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

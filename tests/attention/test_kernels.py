@@ -18,11 +18,12 @@ import random
 import pytest
 import torch
 
-from services.llm.attention import AttentionMetadata, SDPABackend, get_backend
-from services.llm.kernels import backend as triton_backend
-from services.llm.kernels.paged_decode import choose_partition, paged_decode
-from services.llm.kernels.paged_prefill import build_tile_map, paged_prefill, prefill_flops
-from services.llm.kernels.varlen import split_head_dim, varlen_attention
+from services.attention import AttentionMetadata, SDPABackend, get_backend
+from services.attention.triton import backend as triton_backend
+from services.attention.triton.batch import TritonBatch
+from services.attention.triton.paged_decode import choose_partition, paged_decode
+from services.attention.triton.paged_prefill import build_tile_map, paged_prefill, prefill_flops
+from services.attention.triton.varlen import split_head_dim, varlen_attention
 
 # The interpreter's own numpy calls warn about array-to-scalar conversion; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -282,6 +283,27 @@ def test_backend_registry_strided_inputs_and_errors():
         be.paged_attention(q.double(), kn, vn, kc, vc, meta, 0.125)
     with pytest.raises(ValueError, match="new tokens"):
         be.paged_attention(q[:-1], kn[:-1], vn[:-1], kc, vc, meta, 0.125)
+
+
+def test_prepared_batch_is_built_once_and_metadata_is_never_written():
+    """prepare() returns a copy carrying the backend's per-batch state: the same results as an unprepared
+    batch, the tile map built once for every layer, and no call writes into a metadata object."""
+    q, kn, vn, kc, vc, meta = make_batch([9, 20], [13, 0], [True, False], 4, 2, 64, 16, seed=31)
+    before = dict(vars(meta))
+    prepared = TRITON.prepare(meta)
+    state = prepared.backend_state
+    assert prepared is not meta and meta.backend_state is None
+    assert isinstance(state, TritonBatch) and not state.decode and state.total_q == 29
+    out = TRITON.paged_attention(q, kn, vn, kc, vc, prepared, 0.125)
+    (tile_map,) = state.tile_maps.values()
+    out_again = TRITON.paged_attention(q, kn, vn, kc, vc, prepared, 0.125)  # the next layer
+    assert prepared.backend_state is state and next(iter(state.tile_maps.values())) is tile_map
+    assert torch.equal(out, out_again)
+    assert_close(TRITON.paged_attention(q, kn, vn, kc, vc, meta, 0.125), out, what="unprepared")
+    assert_close(SDPA.paged_attention(q, kn, vn, kc, vc, prepared, 0.125), out, what="sdpa, prepared meta")
+    assert vars(meta).keys() == before.keys() and all(vars(meta)[k] is v for k, v in before.items())
+    decode = TRITON.prepare(make_batch([1, 1], [40, 3], [True, True], 4, 2, 64, 16, seed=32)[-1])
+    assert decode.backend_state.decode
 
 
 # ---- GPU only: half precision at model-like head counts ----------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.llm.attention import SDPABackend, get_backend
+from services.attention import SDPABackend, get_backend
 from services.llm.engine import LLMEngine
 from services.common.contracts import ImageParams, TextItem, TextParams, VAEImageItem, ViTImageItem
 

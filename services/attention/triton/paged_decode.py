@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from services.attention.metadata import AttentionMetadata
+
+from .batch import TritonBatch
 from .paged_prefill import (LOG2E, NEG_BIG, _paged_kv_inner, dot_precision, is_interpreter, next_pow2,
                             use_page_tiles)
 
@@ -143,11 +146,12 @@ def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, 
 
 
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta, scale: float, *, partition_size: int | None = None,
-                 block_n: int | None = None, num_warps: int | None = None,
+                 v_cache: torch.Tensor, meta: AttentionMetadata | TritonBatch, scale: float, *,
+                 partition_size: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, page_tiles: bool | None = None) -> torch.Tensor:
     """Decode attention, every meta.q_lens == 1 (validated by the backend). partition_size (a multiple of
     BLOCK_N) overrides the split heuristic."""
+    batch = TritonBatch.of(meta, q.device)
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     group = hq // hkv
@@ -157,7 +161,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ca
     interpret = is_interpreter(q)
     cfg = decode_config(interpret, q.element_size())
     block_n = block_n or cfg["BLOCK_N"]
-    max_ctx = max(meta.ctx_lens)
+    max_ctx = max(batch.ctx_lens)
     if partition_size is None:
         partition_size, num_splits = choose_partition(b, hkv, max_ctx, block_n, _num_sms(q.device))
     else:
@@ -172,10 +176,10 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ca
     part = torch.empty(b * hq * num_splits * (d + 2), dtype=torch.float32, device=q.device)
     n = b * hq * num_splits
     m_part, l_part, acc_part = part[:n], part[n:2 * n], part[2 * n:]
-    bt = meta.block_tables
+    bt = batch.block_tables
     qk_scale = scale * LOG2E
     _decode_partition_kernel[(num_splits, hkv, b)](
-        q, k_cache, v_cache, bt, meta.ctx_lens_t, m_part, l_part, acc_part,
+        q, k_cache, v_cache, bt, batch.ctx_lens_t, m_part, l_part, acc_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0), partition_size, num_splits, hq, qk_scale,
