@@ -37,6 +37,7 @@ from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
 from services.llm.attention import get_backend
 from services.llm.engine import ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, InputError, LLMEngine, Progress
+from services.llm.model import load_llm
 from services.llm.scheduler import Scheduler
 from services.llm.sessions import Session, SessionNotFound, SessionStore
 
@@ -325,7 +326,7 @@ def load_engine(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torc
     paged KV cache of kv_cache_tokens (default: BAGEL_KV_CACHE_TOKENS, else 65536)."""
     tokens = kv_cache_tokens or env_int("BAGEL_KV_CACHE_TOKENS", 65536)
     backend = get_backend(attention, device)
-    engine = LLMEngine(ckpt.load_llm(dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
+    engine = LLMEngine(load_llm(ckpt, dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
                        kv_cache_tokens=tokens)
     log.info("llm engine loaded", extra={"attention_backend": backend.name, "device": str(device),
                                          "dtype": str(dtype).removeprefix("torch."), "kv_cache_tokens": tokens,

@@ -9,6 +9,7 @@ import torch
 from services.common.checkpoint import Checkpoint
 from services.llm.attention import get_backend
 from services.llm.engine import LLMEngine
+from services.llm.model import load_llm
 from services.orchestrator.workflows import Clients
 from services.vae.engine import VAEEngine
 from services.vit.engine import ViTEngine
@@ -18,7 +19,7 @@ def local_clients(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.
                   attention: str | None = None, kv_cache_tokens: int = 65536) -> Clients:
     ckpt = Checkpoint(checkpoint_dir)
     backend = get_backend(attention, device)
-    llm = LLMEngine(ckpt.load_llm(dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
+    llm = LLMEngine(load_llm(ckpt, dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
                     kv_cache_tokens=kv_cache_tokens)
     return Clients(vit=ViTEngine.from_checkpoint(ckpt, device, dtype, backend),
                    vae=VAEEngine.from_checkpoint(ckpt, device, dtype), llm=llm)

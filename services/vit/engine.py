@@ -12,7 +12,7 @@ from services.common.config import BagelConfig
 from services.common.images import to_tensor, vit_resize
 from services.llm.attention import get_backend
 from services.llm.engine import ViTImageItem
-from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
+from services.vit.model import SiglipVisionModel, load_vit, patchify_image, vit_position_ids
 
 
 class ViTEngine:
@@ -24,7 +24,7 @@ class ViTEngine:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32, attention=None) -> "ViTEngine":
-        return cls(ckpt.load_vit(dtype=dtype, device=device), ckpt.config, attention)
+        return cls(load_vit(ckpt, dtype=dtype, device=device), ckpt.config, attention)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> list[ViTImageItem]:

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc
 from services.common.rpc import ServerOptions
-from services.common.s3_local import free_port
 from services.common.tensor_codec import tensor_from_message, tensor_to_message
+from services.dev.ports import free_port
 from services.llm import convert
 from services.llm import server as llm_server_module
 from services.llm.engine import (ImageParams, Progress, TextItem, TextParams, VAEImageItem, ViTImageItem)
