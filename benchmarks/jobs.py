@@ -28,10 +28,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.checkpoint import init_checkpoint  # noqa: E402
 from services.common.protos import jobs_pb2, jobs_pb2_grpc  # noqa: E402
 from services.common.storage import ObjectStore  # noqa: E402
-from services.common.contracts import ImageParams
+from services.common.contracts import ImageParams  # noqa: E402
+from services.dev.random_checkpoint import init_checkpoint  # noqa: E402
 from services.orchestrator import workflows as wf  # noqa: E402
 from services.orchestrator.remote import remote_clients  # noqa: E402
 from services.orchestrator.stack import LocalStack  # noqa: E402

@@ -40,10 +40,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.checkpoint import Checkpoint, init_checkpoint  # noqa: E402
-from services.common.s3_local import free_port, start_local_s3  # noqa: E402
+from services.common.checkpoint import Checkpoint  # noqa: E402
 from services.common.storage import ObjectStore  # noqa: E402
-from services.common.contracts import ImageParams, TextItem
+from services.common.contracts import ImageParams, TextItem  # noqa: E402
+from services.dev.ports import free_port  # noqa: E402
+from services.dev.random_checkpoint import init_checkpoint  # noqa: E402
+from services.dev.s3_server import start_local_s3  # noqa: E402
 from services.llm.scheduler import Scheduler  # noqa: E402
 from services.orchestrator import workflows as wf  # noqa: E402
 from services.orchestrator.local import local_clients  # noqa: E402

@@ -7,8 +7,8 @@
 #   scripts/start_s3.sh --port 0 --dir /tmp/s3 --bucket mybucket
 #   BAGEL_S3_ACCESS_KEY=... BAGEL_S3_SECRET_KEY=... scripts/start_s3.sh
 #
-# All options: python -m services.common.s3_local --help
+# All options: python -m services.dev.s3_server --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-exec "$PYTHON" -m services.common.s3_local "$@"
+exec "$PYTHON" -m services.dev.s3_server "$@"

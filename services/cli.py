@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from services.attention import backend_names
-from services.common.checkpoint import Checkpoint, CheckpointError, init_checkpoint
+from services.common.checkpoint import Checkpoint, CheckpointError
 from services.common.config import PRESETS
 from services.common.images import ImageError, load_image
 from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, ImageParams, InputError, Progress,
@@ -48,7 +48,7 @@ def _progress_controls() -> tuple[Controls, callable]:
 def _checkpoint_dir(args) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    from services.common.defaults import default_checkpoint_dir
+    from services.dev.default_model import default_checkpoint_dir
 
     return default_checkpoint_dir()
 
@@ -70,6 +70,8 @@ def _image_params(args, base: ImageParams) -> ImageParams:
 
 
 def cmd_checkpoint_init(args) -> int:
+    from services.dev.random_checkpoint import init_checkpoint
+
     out = init_checkpoint(args.preset, args.out, seed=args.seed)
     print(json.dumps({"checkpoint": str(out), "preset": args.preset, "seed": args.seed}))
     return 0

@@ -101,7 +101,7 @@ def serve(service: str, port: int = 50051, checkpoint: str | Path | None = None,
     returned (call .stop()). `store` overrides the BAGEL_S3_* environment."""
     module = server_module(service)
     if checkpoint is None:
-        from services.common.defaults import default_checkpoint_dir
+        from services.dev.default_model import default_checkpoint_dir
 
         checkpoint = default_checkpoint_dir()
     ckpt = Checkpoint(checkpoint)  # json and tensor headers only: fails fast on a bad directory

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.checkpoint import Checkpoint, init_checkpoint
+from services.common.checkpoint import Checkpoint
+from services.dev.random_checkpoint import init_checkpoint
 
 
 @pytest.fixture(scope="session")

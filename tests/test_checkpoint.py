@@ -10,11 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from services.common.checkpoint import Checkpoint, CheckpointError, infer_ae_config, init_checkpoint
+from services.common.checkpoint import Checkpoint, CheckpointError, infer_ae_config
 from services.common.config import AEConfig, preset
-from services.llm.model import BagelLLM
-from services.vae.model import AutoEncoder
-from services.vit.model import SiglipVisionModel
+from services.dev.random_checkpoint import init_checkpoint
+from services.llm.model import BagelLLM, load_llm
+from services.vae.model import AutoEncoder, load_ae
+from services.vit.model import SiglipVisionModel, load_vit
 
 
 def published_ema_layout(layers=28, hidden=3584, heads=28, kv=4, d=128, inter=18944, vocab=152064, vit_layers=26,
@@ -133,14 +134,14 @@ def test_smaller_autoencoder_and_position_tables_load(tmp_path):
     ck = Checkpoint(tmp_path)
     assert ck.config.ae.ch_mult == (1, 2, 2, 4) and ck.config.ae.num_res_blocks == 2
     assert ck.config.max_latent_size == 32 and ck.config.vit_max_num_patch_per_side == 40
-    ae = ck.load_ae()
+    ae = load_ae(ck)
     assert ae.encode(torch.zeros(3, 32, 32)).shape == (16, 4, 4)
 
 
 def test_components_load_only_their_subset(tiny_ckpt):
-    vit = tiny_ckpt.load_vit()
+    vit = load_vit(tiny_ckpt)
     assert not any(k.startswith("language_model") for k in vit.state_dict())
-    llm = tiny_ckpt.load_llm()
+    llm = load_llm(tiny_ckpt)
     assert not any(k.startswith("vit_model") for k in llm.state_dict())
     stored = load_file(str(tiny_ckpt.dir / "ema.safetensors"))
     key = "language_model.model.layers.1.self_attn.k_proj_moe_gen.weight"
@@ -159,22 +160,22 @@ def test_strict_loading_names_missing_key(tiny_ckpt_dir, tmp_path):
     key = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
     ck = _rewrite_ema(tiny_ckpt_dir, tmp_path / "c", lambda t: t.pop(key))
     with pytest.raises(CheckpointError, match=f"missing key.*{key}"):
-        ck.load_llm()
-    ck.load_vit()  # the ViT's subset is intact and still loads
+        load_llm(ck)
+    load_vit(ck)  # the ViT's subset is intact and still loads
 
 
 def test_strict_loading_names_unexpected_key(tiny_ckpt_dir, tmp_path):
     key = "language_model.model.layers.0.self_attn.extra.weight"
     ck = _rewrite_ema(tiny_ckpt_dir, tmp_path / "c", lambda t: t.__setitem__(key, torch.zeros(3)))
     with pytest.raises(CheckpointError, match=f"unexpected key.*{key}"):
-        ck.load_llm()
+        load_llm(ck)
 
 
 def test_strict_loading_names_misshaped_key(tiny_ckpt_dir, tmp_path):
     key = "vit_model.vision_model.encoder.layers.1.mlp.fc1.weight"
     ck = _rewrite_ema(tiny_ckpt_dir, tmp_path / "c", lambda t: t.__setitem__(key, torch.zeros(5, 5)))
     with pytest.raises(CheckpointError, match=f"mis-shaped.*{key} is \\[5, 5\\]"):
-        ck.load_vit()
+        load_vit(ck)
 
 
 def test_missing_file_and_ae_key_are_named(tiny_ckpt_dir, tmp_path):
@@ -201,3 +202,8 @@ def test_tokenizer_with_wrong_special_ids_is_refused(tiny_ckpt_dir, tmp_path):
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="vision_start"):
         Checkpoint(d).tokenizer()
+
+
+def test_an_unknown_component_is_refused(tiny_ckpt):
+    with pytest.raises(ValueError, match="unknown component 'vae'"):
+        tiny_ckpt.load_weights(torch.nn.Linear(1, 1), "vae")

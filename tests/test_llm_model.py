@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from services.attention import SDPABackend
-from services.llm.engine import Block, LLMEngine
 from services.common.contracts import Controls, ImageParams, TextItem, TextParams, ViTImageItem
+from services.llm.engine import Block, LLMEngine
+from services.llm.model import load_llm
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +29,7 @@ def plain_attend(mask: torch.Tensor):
 def test_und_path_matches_transformers_qwen3_with_qk_norm(tiny_ckpt):
     """With only und tokens, a MoT layer is a Qwen2 layer with per-head q/k RMSNorm: exactly HF's Qwen3
     with attention biases. Same weights, same logits; proves norms, RoPE, GQA and the MLP."""
-    model = tiny_ckpt.load_llm()
+    model = load_llm(tiny_ckpt)
     c = model.cfg.llm
     hf_cfg = transformers.Qwen3Config(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

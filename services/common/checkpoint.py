@@ -1,4 +1,4 @@
-"""Read (and, for tests and benchmarks, write) a BAGEL checkpoint directory in the official layout.
+"""Read a BAGEL checkpoint directory in the official layout.
 
     ema.safetensors      every Bagel weight except the VAE (bf16)
     ae.safetensors       the FLUX autoencoder (fp32)
@@ -9,26 +9,29 @@ Each component loads only its own key subset, strictly: a missing, unexpected or
 an error that names the key. Sizes come from the checkpoint itself: the LLM and ViT from their json
 files, the position-table side lengths from the tables' rows, the autoencoder's widths from the
 shapes in ae.safetensors (the official layout has no AE config).
+
+The models are built by their own packages (`load_llm` in services/llm/model.py, `load_vit` in
+services/vit/model.py, `load_ae` in services/vae/model.py), which hand them to `load_weights`; the
+random checkpoint writer is services/dev/random_checkpoint.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from services.common.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, preset, side_of_square_table
-from services.common.tokenizer import TOKENIZER_FILES, BagelTokenizer, packaged_tokenizer_dir
+from services.common.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, side_of_square_table
+from services.common.tokenizer import TOKENIZER_FILES, BagelTokenizer
 
 EMA_FILE, AE_FILE, LLM_CONFIG, VIT_CONFIG = "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json"
 VIT_PREFIX = "vit_model.vision_model."
 LATENT_POS_KEY, VIT_POS_KEY = "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"
 VIT_TABLE_KEY = VIT_PREFIX + "embeddings.position_embedding.weight"
+COMPONENTS = ("llm", "vit", "ae")
 
 
 class CheckpointError(ValueError):
@@ -114,29 +117,19 @@ class Checkpoint:
     def tokenizer(self) -> BagelTokenizer:
         return BagelTokenizer(self.dir)
 
-    # ---- component loaders: each reads its own subset only -------------------------------------
-    def load_llm(self, dtype=torch.float32, device="cpu"):
-        from services.llm.model import BagelLLM
-
-        with torch.device("meta"):
-            model = BagelLLM(self.config)
-        keys = {k: s for k, s in self.ema_shapes.items() if not k.startswith("vit_model.")}
-        return _load(model, self.dir / EMA_FILE, keys, "", dtype, device, f"{EMA_FILE} (LLM subset)")
-
-    def load_vit(self, dtype=torch.float32, device="cpu"):
-        from services.vit.model import SiglipVisionModel
-
-        with torch.device("meta"):
-            model = SiglipVisionModel(self.config.vit, self.config.vit_max_num_patch_per_side)
-        keys = {k: s for k, s in self.ema_shapes.items() if k.startswith("vit_model.")}
-        return _load(model, self.dir / EMA_FILE, keys, VIT_PREFIX, dtype, device, f"{EMA_FILE} (ViT subset)")
-
-    def load_ae(self, dtype=torch.float32, device="cpu"):
-        from services.vae.model import AutoEncoder
-
-        with torch.device("meta"):
-            model = AutoEncoder(self.config.ae)
-        return _load(model, self.dir / AE_FILE, self.ae_shapes, "", dtype, device, AE_FILE)
+    # ---- weights: each component reads its own subset only ---------------------------------------
+    def load_weights(self, model: nn.Module, component: str, dtype=torch.float32, device="cpu") -> nn.Module:
+        """Fill `model` (built from self.config, typically on the meta device) with the weights of
+        `component` ("llm", "vit" or "ae"), strictly, and return it in eval mode without gradients."""
+        if component == "llm":  # everything in ema.safetensors but the vision tower
+            keys = {k: s for k, s in self.ema_shapes.items() if not k.startswith("vit_model.")}
+            return _load(model, self.dir / EMA_FILE, keys, "", dtype, device, f"{EMA_FILE} (LLM subset)")
+        if component == "vit":
+            keys = {k: s for k, s in self.ema_shapes.items() if k.startswith("vit_model.")}
+            return _load(model, self.dir / EMA_FILE, keys, VIT_PREFIX, dtype, device, f"{EMA_FILE} (ViT subset)")
+        if component == "ae":
+            return _load(model, self.dir / AE_FILE, self.ae_shapes, "", dtype, device, AE_FILE)
+        raise ValueError(f"unknown component {component!r}; choose one of {list(COMPONENTS)}")
 
 
 def _load(model: nn.Module, path: Path, file_shapes: dict[str, tuple], prefix: str, dtype, device, where: str):
@@ -150,61 +143,4 @@ def _load(model: nn.Module, path: Path, file_shapes: dict[str, tuple], prefix: s
     return model.eval().requires_grad_(False)
 
 
-# ---- writing a randomly initialised checkpoint ----------------------------------------------------
-def sincos_2d_table(hidden: int, side: int) -> torch.Tensor:
-    """The fixed 2D sin-cos table (MAE layout): [side*side, hidden], first half from the row index."""
-    def one_axis(dim: int, pos: torch.Tensor) -> torch.Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-        out = pos.double().reshape(-1)[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    rows = torch.arange(side).repeat_interleave(side)  # row index of entry r*side + c
-    cols = torch.arange(side).repeat(side)
-    return torch.cat([one_axis(hidden // 2, rows), one_axis(hidden // 2, cols)], dim=1).float()
-
-
-def _init_(model: nn.Module, generator: torch.Generator) -> None:
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.data.normal_(0.0, 0.02, generator=generator)
-        elif name.endswith("bias"):
-            p.data.normal_(0.0, 0.02, generator=generator)
-        else:  # norm weights: around 1 so every routed copy differs but stays sane
-            p.data.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-
-
-def init_checkpoint(preset_name: str, out: str | Path, seed: int = 0, cfg: BagelConfig | None = None) -> Path:
-    """Write a randomly initialised checkpoint in exactly the official layout, key names and file set."""
-    from services.llm.model import BagelLLM
-    from services.vae.model import AutoEncoder
-    from services.vit.model import SiglipVisionModel
-
-    cfg = cfg or preset(preset_name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-
-    llm = BagelLLM(cfg)
-    _init_(llm, gen)
-    llm.vit_pos_embed.pos_embed.data.copy_(sincos_2d_table(cfg.llm.hidden_size, cfg.vit_max_num_patch_per_side))
-    llm.latent_pos_embed.pos_embed.data.copy_(sincos_2d_table(cfg.llm.hidden_size, cfg.max_latent_size))
-    vit = SiglipVisionModel(cfg.vit, cfg.vit_max_num_patch_per_side)
-    _init_(vit, gen)
-    ae = AutoEncoder(cfg.ae)
-    torch.manual_seed(seed)  # the AE keeps PyTorch's default conv init, seeded
-    ae.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-
-    ema = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in llm.state_dict().items()}
-    ema.update({VIT_PREFIX + k: v.detach().to(torch.bfloat16).contiguous() for k, v in vit.state_dict().items()})
-    save_file(ema, str(out / EMA_FILE), metadata={"format": "pt"})
-    save_file({k: v.detach().float().contiguous() for k, v in ae.state_dict().items()}, str(out / AE_FILE),
-              metadata={"format": "pt"})
-    (out / LLM_CONFIG).write_text(json.dumps(cfg.llm.to_json(), indent=2))
-    (out / VIT_CONFIG).write_text(json.dumps(cfg.vit.to_json(), indent=2))
-    src = packaged_tokenizer_dir()
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, out / name)
-    return out
-
-
-__all__ = ["Checkpoint", "CheckpointError", "init_checkpoint", "infer_ae_config", "check_state_dict"]
+__all__ = ["Checkpoint", "CheckpointError", "COMPONENTS", "infer_ae_config", "check_state_dict"]

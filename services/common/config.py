@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -205,18 +204,3 @@ def side_of_square_table(rows: int, what: str) -> int:
     if side * side != rows:
         raise ValueError(f"{what} has {rows} rows, not a square grid")
     return side
-
-
-def env_int(name: str, default: int, env: Mapping[str, str] | None = None, low: int = 1) -> int:
-    """An integer setting from the environment: `default` when unset or empty, ValueError naming the
-    variable when it is not an integer or is below `low`."""
-    value = (os.environ if env is None else env).get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < low:
-        raise ValueError(f"{name} must be at least {low}, got {number}")
-    return number

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image
 
 from services.common.contracts import (FailedPrecondition, InputError, NotFound, PermissionDenied,
                                        Unavailable)
+from services.common.settings import EnvSettings, setting
 
 if TYPE_CHECKING:
     import torch
@@ -58,35 +58,27 @@ class BucketNotAllowed(PermissionDenied):
 
 
 @dataclass(frozen=True)
-class StorageConfig:
-    endpoint: str            # host:port of the S3 API, no scheme (the minio client's form)
-    access_key: str
-    secret_key: str
-    bucket: str = "bagel"    # every object this deployment writes lives here
-    secure: bool = False     # https to the store
-    region: str = "us-east-1"  # set explicitly: saves a GetBucketLocation round trip per bucket
+class StorageConfig(EnvSettings):
+    endpoint: str = setting("BAGEL_S3_ENDPOINT")  # host:port of the S3 API, no scheme (the minio client's form)
+    access_key: str = setting("BAGEL_S3_ACCESS_KEY", "")
+    secret_key: str = setting("BAGEL_S3_SECRET_KEY", "")
+    bucket: str = setting("BAGEL_S3_BUCKET", "bagel")  # every object this deployment writes lives here
+    secure: bool = setting("BAGEL_S3_SECURE", False)  # https to the store
+    # set explicitly: saves a GetBucketLocation round trip per bucket
+    region: str = setting("BAGEL_S3_REGION", "us-east-1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StorageConfig | None":
-        """BAGEL_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY, _BUCKET, _SECURE, _REGION; None without an endpoint."""
-        env = os.environ if env is None else env
-        endpoint = env.get("BAGEL_S3_ENDPOINT", "").strip()
-        if not endpoint:
+        """The BAGEL_S3_* variables; None without an endpoint. The endpoint may carry a scheme: https://
+        turns TLS on unless BAGEL_S3_SECURE says otherwise."""
+        cfg = super().from_env(env, endpoint="")
+        if not cfg.endpoint:
             return None
-        for prefix in ("http://", "https://"):
-            if endpoint.startswith(prefix):
-                endpoint = endpoint[len(prefix):]
-        secure_default = "1" if env.get("BAGEL_S3_ENDPOINT", "").startswith("https://") else "0"
-        return cls(endpoint=endpoint.rstrip("/"), access_key=env.get("BAGEL_S3_ACCESS_KEY", ""),
-                   secret_key=env.get("BAGEL_S3_SECRET_KEY", ""), bucket=env.get("BAGEL_S3_BUCKET", "bagel"),
-                   secure=env.get("BAGEL_S3_SECURE", secure_default).lower() in ("1", "true", "yes"),
-                   region=env.get("BAGEL_S3_REGION", "us-east-1"))
-
-    def to_env(self) -> dict[str, str]:
-        """The BAGEL_S3_* variables that from_env() reads back as this config (for child processes)."""
-        return {"BAGEL_S3_ENDPOINT": self.endpoint, "BAGEL_S3_ACCESS_KEY": self.access_key,
-                "BAGEL_S3_SECRET_KEY": self.secret_key, "BAGEL_S3_BUCKET": self.bucket,
-                "BAGEL_S3_SECURE": "1" if self.secure else "0", "BAGEL_S3_REGION": self.region}
+        scheme, sep, host = cfg.endpoint.partition("://")
+        if sep and scheme in ("http", "https"):
+            # The scheme is the default of `secure` (BAGEL_S3_SECURE still wins): read again with it.
+            cfg = replace(super().from_env(env, secure=scheme == "https"), endpoint=host)
+        return replace(cfg, endpoint=cfg.endpoint.rstrip("/"))
 
 
 # ---- keys ----------------------------------------------------------------------------------------

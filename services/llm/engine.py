@@ -26,8 +26,8 @@ from services.common.tokenizer import BagelTokenizer
 from services.attention import AttentionBackend, AttentionMetadata, get_backend
 from services.llm.flow import apply_cfg, cfg_active, sample_token, timestep_schedule
 from services.llm.kv_cache import KVContext, PagedKVCache
+from services.llm.latents import latent_position_ids, patchify_latent, unpatchify_latent
 from services.llm.model import BagelLLM
-from services.vae.model import latent_position_ids, patchify_latent, unpatchify_latent
 from services.vit.model import vit_position_ids
 
 UNDERSTAND_THINK_PROMPT = (

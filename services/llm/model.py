@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig, LLMConfig
 
 
@@ -238,3 +239,10 @@ class BagelLLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)
+
+
+def load_llm(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> BagelLLM:
+    """The LLM of a checkpoint, built on the meta device and given its weights (one copy in memory)."""
+    with torch.device("meta"):
+        model = BagelLLM(ckpt.config)
+    return ckpt.load_weights(model, "llm", dtype, device)

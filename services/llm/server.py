@@ -7,11 +7,7 @@ thread, a queue hands it to the RPC's thread, which streams it. When an RPC ends
 cancel, deadline, shutdown) the request's cancel flag is set and the scheduler drops it at its next
 step, freeing its KV blocks. Sessions keep a conversation's three CFG contexts between calls.
 
-Configuration beyond the common flags, from the environment:
-    BAGEL_KV_CACHE_TOKENS      paged KV cache size in tokens (65536)
-    BAGEL_MAX_BATCH_TOKENS     query tokens one scheduler iteration may pack (32768)
-    BAGEL_SESSION_TTL_SECONDS  idle time before a session is freed, unless the request sets one (600)
-    BAGEL_MAX_SESSIONS         sessions kept at once; more get RESOURCE_EXHAUSTED (64)
+Configuration beyond the common flags comes from the environment: `LLMSettings` below.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import grpc
@@ -27,17 +24,19 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.checkpoint import Checkpoint
-from services.common.config import BagelConfig, env_int
+from services.common.config import BagelConfig
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import cancel_event, check_active, time_remaining
 from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, DeadlineExceeded, InputError, messages,
                                        NotReady, Progress, SessionNotFound, THINK_TOKENS)
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
+from services.common.settings import EnvSettings, setting
 from services.common.storage import ObjectStore, check_key, digest
 from services.llm import convert
 from services.attention import get_backend
 from services.llm.engine import CFGContexts, LLMEngine
+from services.llm.model import load_llm
 from services.llm.scheduler import Scheduler
 from services.llm.sessions import Session, SessionStore
 
@@ -49,6 +48,16 @@ MAX_SESSION_TTL_S = 24 * 3600
 MAX_SESSION_ID = 256
 EXPIRY_INTERVAL_S = 30.0   # how often idle sessions are swept (acquire() also sweeps)
 RUNTIME_STOP_S = 10.0      # after the gRPC grace period: time for the scheduler to drop what is left
+
+
+@dataclass(frozen=True)
+class LLMSettings(EnvSettings):
+    """From the environment; arguments given to build_server() and load_engine() take precedence."""
+    kv_cache_tokens: int = setting("BAGEL_KV_CACHE_TOKENS", 65536, low=1)  # paged KV cache size in tokens
+    max_batch_tokens: int = setting("BAGEL_MAX_BATCH_TOKENS", 32768, low=1)  # query tokens per scheduler iteration
+    # idle time before a session is freed, unless the request sets one
+    session_ttl_s: int = setting("BAGEL_SESSION_TTL_SECONDS", 600, low=1)
+    max_sessions: int = setting("BAGEL_MAX_SESSIONS", 64, low=1)  # more get RESOURCE_EXHAUSTED
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -319,10 +328,10 @@ def build_server(options: ServerOptions, cfg: BagelConfig, store: ObjectStore | 
                  session_ttl_s: float | None = None, max_sessions: int | None = None,
                  max_batch_tokens: int | None = None) -> LLMServer:
     """The server, not started; the scheduler and sessions start with the weights (load())."""
-    server = LLMServer(options,
-                       session_ttl_s=session_ttl_s or env_int("BAGEL_SESSION_TTL_SECONDS", 600),
-                       max_sessions=max_sessions or env_int("BAGEL_MAX_SESSIONS", 64),
-                       max_batch_tokens=max_batch_tokens or env_int("BAGEL_MAX_BATCH_TOKENS", 32768))
+    settings = LLMSettings.from_env()
+    server = LLMServer(options, session_ttl_s=session_ttl_s or settings.session_ttl_s,
+                       max_sessions=max_sessions or settings.max_sessions,
+                       max_batch_tokens=max_batch_tokens or settings.max_batch_tokens)
     servicer = LLMServicer(server, cfg, Payloads(store))
     server.add_service(LLM_SERVICE, lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(servicer, s))
     return server
@@ -331,10 +340,10 @@ def build_server(options: ServerOptions, cfg: BagelConfig, store: ObjectStore | 
 def load_engine(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
                 kv_cache_tokens: int | None = None, attention: str | None = None) -> LLMEngine:
     """Weights, tokenizer, the attention backend for the device (BAGEL_ATTENTION_BACKEND overrides) and a
-    paged KV cache of kv_cache_tokens (default: BAGEL_KV_CACHE_TOKENS, else 65536)."""
-    tokens = kv_cache_tokens or env_int("BAGEL_KV_CACHE_TOKENS", 65536)
+    paged KV cache of kv_cache_tokens (default: LLMSettings, from BAGEL_KV_CACHE_TOKENS)."""
+    tokens = kv_cache_tokens or LLMSettings.from_env().kv_cache_tokens
     backend = get_backend(attention, device)
-    engine = LLMEngine(ckpt.load_llm(dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
+    engine = LLMEngine(load_llm(ckpt, dtype=dtype, device=device), ckpt.tokenizer(), attention=backend,
                        kv_cache_tokens=tokens)
     log.info("llm engine loaded", extra={"attention_backend": backend.name, "device": str(device),
                                          "dtype": str(dtype).removeprefix("torch."), "kv_cache_tokens": tokens,

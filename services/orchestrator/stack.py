@@ -20,8 +20,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.redis_local import LocalRedis, start_local_redis
-from services.common.s3_local import LocalS3, free_port, start_local_s3
+from services.dev.ports import free_port
+from services.dev.redis_server import LocalRedis, start_local_redis
+from services.dev.s3_server import LocalS3, start_local_s3
 from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("bagel.stack")
@@ -54,7 +55,7 @@ class LocalStack:
         return f"127.0.0.1:{self.ports['grpc']}"
 
     def start(self) -> "LocalStack":
-        from services.common.defaults import default_checkpoint_dir
+        from services.dev.default_model import default_checkpoint_dir
 
         try:
             # Made once here, not by three servers racing to create the embedded default.

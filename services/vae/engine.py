@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import Checkpoint
+from services.common.contracts import VAEImageItem
 from services.common.images import ImageError
 from services.common.tensor_codec import to_tensor
-from services.common.contracts import VAEImageItem
-from services.vae.model import AutoEncoder, to_uint8_image
+from services.vae.model import AutoEncoder, load_ae, to_uint8_image
 
 
 SIDE_MULTIPLE = 16  # the VAE's 8x downsample, then the LLM's 2x2 latent patches
@@ -33,7 +33,7 @@ class VAEEngine:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32) -> "VAEEngine":
-        return cls(ckpt.load_ae(dtype=dtype, device=device))
+        return cls(load_ae(ckpt, dtype=dtype, device=device))
 
     @torch.inference_mode()
     def encode(self, image: Image.Image, sample: bool = False, generator: torch.Generator | None = None) -> VAEImageItem:

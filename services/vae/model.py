@@ -1,4 +1,4 @@
-"""The FLUX autoencoder BAGEL uses for generation, plus the latent <-> token helpers.
+"""The FLUX autoencoder BAGEL uses for generation.
 
 Module and attribute names reproduce the key names of the published `ae.safetensors` exactly
 (`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv.bias`, ...), so the file loads
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.checkpoint import Checkpoint
 from services.common.config import AEConfig
 
 
@@ -206,34 +207,16 @@ class AutoEncoder(nn.Module):
         return x[0] if single else x
 
 
-# ---- latent <-> LLM tokens ------------------------------------------------------------------------
-
-def patchify_latent(latent: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """[C, H, W] latent -> [(H/p)*(W/p), p*p*C] tokens, row-major over the grid, each in (p, q, c) order."""
-    c, hh, ww = latent.shape
-    h, w = hh // p, ww // p
-    x = latent.reshape(c, h, p, w, p)  # [c, rows, p, cols, q]
-    x = torch.einsum("chpwq->hwpqc", x)  # [rows, cols, p, q, c]
-    return x.reshape(h * w, p * p * c)
-
-
-def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int = 2, c: int = 16) -> torch.Tensor:
-    """Inverse of `patchify_latent`: [h*w, p*p*c] tokens of an h x w grid -> [c, h*p, w*p]."""
-    x = tokens.reshape(h, w, p, p, c)  # [rows, cols, p, q, c]
-    x = torch.einsum("hwpqc->chpwq", x)  # [c, rows, p, cols, q]
-    return x.reshape(c, h * p, w * p)
-
-
-def latent_position_ids(h: int, w: int, max_latent_size: int) -> torch.Tensor:
-    """Row-major ids `r * max_latent_size + c` of an h x w token grid into the latent_pos_embed table."""
-    rows = torch.arange(h, dtype=torch.long)
-    cols = torch.arange(w, dtype=torch.long)
-    return (rows[:, None] * max_latent_size + cols[None, :]).flatten()
-
-
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:
     """Decoded [3, H, W] in [-1, 1] -> uint8 [H, W, 3].
 
     Truncates rather than rounds, as the official code does, so outputs match it bit for bit."""
     x = ((x.detach() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
     return x.permute(1, 2, 0).cpu().numpy()
+
+
+def load_ae(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> AutoEncoder:
+    """The autoencoder of a checkpoint (ae.safetensors), built on the meta device and given its weights."""
+    with torch.device("meta"):
+        model = AutoEncoder(ckpt.config.ae)
+    return ckpt.load_weights(model, "ae", dtype, device)

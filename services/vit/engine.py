@@ -9,11 +9,11 @@ from PIL import Image
 
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
-from services.common.images import vit_resize
-from services.common.tensor_codec import to_tensor
 from services.attention import get_backend
 from services.common.contracts import ViTImageItem
-from services.vit.model import SiglipVisionModel, patchify_image, vit_position_ids
+from services.common.images import vit_resize
+from services.common.tensor_codec import to_tensor
+from services.vit.model import SiglipVisionModel, load_vit, patchify_image, vit_position_ids
 
 
 class ViTEngine:
@@ -25,7 +25,7 @@ class ViTEngine:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32, attention=None) -> "ViTEngine":
-        return cls(ckpt.load_vit(dtype=dtype, device=device), ckpt.config, attention)
+        return cls(load_vit(ckpt, dtype=dtype, device=device), ckpt.config, attention)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> list[ViTImageItem]:

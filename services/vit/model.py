@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.checkpoint import Checkpoint
 from services.common.config import ViTConfig
 from services.attention import SDPABackend
 
@@ -117,3 +118,10 @@ def vit_position_ids(h_patches: int, w_patches: int, max_per_side: int) -> torch
     rows = torch.arange(h_patches, dtype=torch.long)
     cols = torch.arange(w_patches, dtype=torch.long)
     return (rows[:, None] * max_per_side + cols[None, :]).flatten()
+
+
+def load_vit(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu") -> SiglipVisionModel:
+    """The vision tower of a checkpoint, built on the meta device and given its weights."""
+    with torch.device("meta"):
+        model = SiglipVisionModel(ckpt.config.vit, ckpt.config.vit_max_num_patch_per_side)
+    return ckpt.load_weights(model, "vit", dtype, device)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.common.redis_local import start_local_redis
 from services.common.rpc import ServerOptions
-from services.common.s3_local import start_local_s3
 from services.common.storage import ObjectStore
+from services.dev.redis_server import start_local_redis
+from services.dev.s3_server import start_local_s3
 from services.llm import server as llm_server_module
 from services.vae import server as vae_server_module
 from services.vae.engine import VAEEngine

@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc
 from services.common.rpc import ServerOptions
-from services.common.s3_local import free_port
 from services.common.tensor_codec import tensor_from_message, tensor_to_message
-from services.llm import convert, server as llm_server_module
 from services.common.contracts import ImageParams, Progress, TextItem, TextParams, VAEImageItem, ViTImageItem
+from services.dev.ports import free_port
+from services.llm import convert, server as llm_server_module
 from service_helpers import expect_status, metric_value, scrape
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -46,7 +46,7 @@ class WorkerProcess:
     def __init__(self, settings: OrchestratorSettings, store, concurrency: int = 2):
         import tempfile
 
-        from services.common.s3_local import free_port
+        from services.dev.ports import free_port
 
         self.log = tempfile.TemporaryFile()
         self.metrics_port = free_port()
@@ -85,7 +85,7 @@ class Orchestrator:
         self.app = make_app(settings, Runtime(settings, storage=store.cfg))
         self._worker = WorkerProcess(settings, store) if worker else None
         self.gateway = build_gateway(settings, storage=store.cfg, celery=self.app)
-        from services.common.s3_local import free_port
+        from services.dev.ports import free_port
 
         self.metrics_port = free_port()
         self.proc = GatewayProcess(self.gateway, host="127.0.0.1", http_port=0, grpc_port=0, auth_token=auth_token,
@@ -370,7 +370,7 @@ def test_a_queued_job_cancelled_never_runs(orch, redis_server):
 def test_a_model_service_that_comes_back_is_retried_not_lost(redis_server, vit_server, vae_server, store,
                                                              tiny_ckpt):
     from services.common.rpc import ServerOptions
-    from services.common.s3_local import free_port
+    from services.dev.ports import free_port
     from services.llm import server as llm_server_module
 
     port = free_port()
@@ -396,7 +396,7 @@ def test_a_model_service_that_comes_back_is_retried_not_lost(redis_server, vit_s
 
 
 def test_retries_run_out_into_a_failed_job(redis_server, vit_server, vae_server, store):
-    from services.common.s3_local import free_port
+    from services.dev.ports import free_port
 
     o = Orchestrator(settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{free_port()}", max_retries=1,
                                   redis_url=redis_server.url[:-1] + "2"), store)
@@ -445,7 +445,7 @@ def test_a_full_queue_refuses_new_jobs(redis_server, vit_server, vae_server, llm
 
 
 def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_server, store):
-    from services.common.s3_local import free_port
+    from services.dev.ports import free_port
 
     dead = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
                         redis_url=f"redis://127.0.0.1:{free_port()}/0")

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from services.common.protos import common_pb2, vit_pb2, vit_pb2_grpc
 from services.common.rpc import State
 from services.common.rpc.logs import JsonFormatter
-from services.common.s3_local import free_port
+from services.dev.ports import free_port
 from services.vit import server as vit_server_module
 from service_helpers import expect_status, metric_value, noise_image, png_bytes, scrape
 

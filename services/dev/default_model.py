@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from services.common.checkpoint import init_checkpoint
+from services.dev.random_checkpoint import init_checkpoint
 
 DEFAULT_PRESET, DEFAULT_SEED = "tiny", 0
 

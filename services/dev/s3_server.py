@@ -6,7 +6,7 @@ here, which s3rver 3 alone does not), installed on first use into
 the git-ignored `.cache/s3rver/` with `npm install`. The server listens on 127.0.0.1 on a free port and
 dies with its parent: s3rver watches its stdin, minio is stopped by `stop()` or the context manager.
 
-    python -m services.common.s3_local --dir /tmp/s3 --port 9000     # prints the BAGEL_S3_* exports
+    python -m services.dev.s3_server --dir /tmp/s3 --port 9000     # prints the BAGEL_S3_* exports
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.storage import StorageConfig
+from services.dev.ports import free_port
 
 S3RVER_VERSION = "3.7.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,12 +132,6 @@ class LocalS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def ensure_s3rver(prefix: Path = S3RVER_PREFIX, timeout: float = 300.0) -> Path:
