@@ -1,4 +1,6 @@
-"""Shared fixtures: one tiny checkpoint per test session, and in-process engines on it."""
+"""Shared fixtures: one tiny checkpoint per test session, and in-process engines on it. The live-server
+fixtures (S3, redis-server, the gRPC model servers) and the `servers` marker rule are in
+tests/live_servers.py, registered here for every folder."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import pytest
 
 from services.common.checkpoint import Checkpoint
 from services.dev.random_checkpoint import init_checkpoint
+
+pytest_plugins = ["live_servers"]
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +20,20 @@ def tiny_ckpt_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_ckpt_dir):
     return Checkpoint(tiny_ckpt_dir)
+
+
+@pytest.fixture(scope="session")
+def vit_engine(tiny_ckpt):
+    from services.vit.engine import ViTEngine
+
+    return ViTEngine.from_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def vae_engine(tiny_ckpt):
+    from services.vae.engine import VAEEngine
+
+    return VAEEngine.from_checkpoint(tiny_ckpt)
 
 
 @pytest.fixture(scope="session")

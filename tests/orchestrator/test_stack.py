@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from PIL import Image
 
 from services.orchestrator.demo import run_demo
+
+pytestmark = pytest.mark.servers  # starts the whole stack as processes itself
 
 
 def test_demo_runs_every_workflow_through_the_stack(tiny_ckpt_dir, tmp_path):

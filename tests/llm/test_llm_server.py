@@ -359,6 +359,7 @@ def test_bad_text_requests(stub):
                                                                          timeout=10)), match="object key")
 
 
+@pytest.mark.servers  # starts its own LLM server
 def test_session_limit_and_full_kv_cache_are_resource_exhausted(tiny_ckpt):
     # 16 blocks of 16 tokens and one session: a kept conversation leaves too little for a second prompt
     s = start_llm(tiny_ckpt, kv_cache_tokens=256, build=dict(max_sessions=1))
@@ -378,6 +379,7 @@ def test_session_limit_and_full_kv_cache_are_resource_exhausted(tiny_ckpt):
         s.close()
 
 
+@pytest.mark.servers  # starts its own LLM server
 def test_wrong_token_is_unauthenticated(tiny_ckpt):
     s = start_llm(tiny_ckpt, load=False, auth_token="right-token")
     try:
@@ -393,6 +395,7 @@ def test_wrong_token_is_unauthenticated(tiny_ckpt):
 
 
 # ---- lifecycle -----------------------------------------------------------------------------------
+@pytest.mark.servers  # starts its own LLM server
 def test_health_follows_the_weights_and_shutdown_cancels_in_flight_work(tiny_ckpt):
     s = start_llm(tiny_ckpt, load=False, grace_seconds=0.3)
     try:
@@ -415,6 +418,7 @@ def test_health_follows_the_weights_and_shutdown_cancels_in_flight_work(tiny_ckp
         s.close()
 
 
+@pytest.mark.servers  # starts its own LLM server
 def test_serve_plugs_the_llm_server_in(tiny_ckpt_dir, monkeypatch):
     """`bagel-serve serve llm` path: services.serve finds build_server/load_engine and serves; without
     storage the final latent comes back inline."""

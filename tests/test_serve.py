@@ -19,7 +19,7 @@ from services.common.protos import common_pb2, vit_pb2, vit_pb2_grpc
 from services.serve import ServeError, add_serve_arguments, resolve_dtype, server_module
 from service_helpers import noise_image, png_bytes
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _log_lines(proc) -> "queue.Queue[dict]":
