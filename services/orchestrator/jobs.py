@@ -217,16 +217,19 @@ class JobStore:
 
     def rescue(self, job_id: str) -> bool:
         """A started job whose lease has lapsed (its worker died) goes back to QUEUED, to be queued again.
-        False when there is nothing to rescue: it ended, or a worker holds its lease."""
+        False when there is nothing to rescue: it ended, a worker holds its lease, or it is not a started job
+        (any more: rescued already)."""
         key, lease = self.key(job_id), self._lease_key(job_id)
         rescued: dict[str, jobs_pb2.Job] = {}
 
         def change(pipe: redis.client.Pipeline) -> None:
             rescued.clear()  # a transaction retried after a concurrent change starts over
-            raw, held = pipe.hget(key, "job"), pipe.exists(lease)
+            raw, held, started = pipe.hget(key, "job"), pipe.exists(lease), pipe.sismember(RUNNING_SET, job_id)
             job = None if raw is None else jobs_pb2.Job.FromString(raw)
             pipe.multi()
-            if job is None or is_terminal(job):
+            if not started:
+                pass  # not a started job: nothing of this sweep's to do
+            elif job is None or is_terminal(job):
                 pipe.srem(RUNNING_SET, job_id)  # ended (or expired) without leaving the set
             elif not held:
                 job.state = jobs_pb2.JOB_STATE_QUEUED
@@ -237,7 +240,7 @@ class JobStore:
                 pipe.srem(RUNNING_SET, job_id)
                 rescued["job"] = job
 
-        self.r.transaction(change, key, lease)
+        self.r.transaction(change, key, lease)  # a job joins or leaves the started set with a change of its key
         if "job" in rescued:
             self._publish(rescued["job"])
         return "job" in rescued

@@ -157,9 +157,6 @@ def test_rescue_queues_a_started_job_whose_lease_lapsed_once(jobs):
     assert jobs.rescue(job_id) is False  # w2 holds it now
 
 
-@pytest.mark.xfail(strict=True, reason="JobStore.rescue() does not check the started set: called again on a "
-                   "job it already queued again (no lease, QUEUED) it rescues it again; the janitor only calls "
-                   "it for started_ids(), which the first rescue left")
 def test_a_second_rescue_finds_nothing_to_rescue(jobs):
     job_id = submit(jobs)
     assert jobs.acquire_lease(job_id, "w1", 0.2)
