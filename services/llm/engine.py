@@ -7,8 +7,12 @@ The ladder, bottom up:
   run_units(units)             the units of many requests: all decode steps in one forward, every
                                CFG branch of every denoising step in another
   decode_steps / denoise_steps a request's loops as generators: yield a unit, receive its result
-  understand_steps / generate_image_steps   the workflows' LLM side, think mode included
+  understand_steps / generate_image_steps   the workflows' LLM side, think mode included; each
+                               returns a Turn (its result, and a conversation's new contexts when
+                               it continued one given as `base`: services/llm/sessions.py keeps them)
   drive(steps)                 one request alone (in-process use); the scheduler drives many at once
+
+The request and result types are the shared contracts (services/common/contracts/).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from services.common.contracts.errors import InputError
-from services.common.contracts.requests import ContextItem, ImageParams, TextItem, TextParams, VAEImageItem, \
-    ViTImageItem
+from services.common.contracts.requests import (ContextItem, ImageParams, TextItem, TextParams, VAEImageItem,
+                                                ViTImageItem)
 from services.common.protos import common_pb2, llm_pb2
 
 if TYPE_CHECKING:
