@@ -16,6 +16,7 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/=]*$")
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# S3 SigV4 accepts presigned URLs valid for 1 s up to 7 days.
+MIN_PRESIGN_S, MAX_PRESIGN_S = 1, 7 * 24 * 3600
 
 
 class StorageError(Unavailable):
@@ -66,6 +69,12 @@ class StorageConfig(EnvSettings):
     secure: bool = setting("BAGEL_S3_SECURE", False)  # https to the store
     # set explicitly: saves a GetBucketLocation round trip per bucket
     region: str = setting("BAGEL_S3_REGION", "us-east-1")
+    # Where clients outside the deployment reach the store (host:port, or an http(s):// URL whose scheme
+    # decides TLS), when that differs from `endpoint` (e.g. minio:9000 inside a cluster). Only used to
+    # presign URLs: it is never connected to.
+    public_endpoint: str | None = setting("BAGEL_S3_PUBLIC_ENDPOINT", None)
+    # Off for a store that cannot serve presigned URLs: callers then fall back to returning bytes.
+    presign: bool = setting("BAGEL_S3_PRESIGN", True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "StorageConfig | None":
@@ -79,6 +88,19 @@ class StorageConfig(EnvSettings):
             # The scheme is the default of `secure` (BAGEL_S3_SECURE still wins): read again with it.
             cfg = replace(super().from_env(env, secure=scheme == "https"), endpoint=host)
         return replace(cfg, endpoint=cfg.endpoint.rstrip("/"))
+
+
+def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+    """(host:port, secure) of `endpoint`, which may carry an http:// or https:// scheme (that then decides
+    `secure`) and a trailing '/'."""
+    scheme, sep, host = endpoint.strip().partition("://")
+    if sep:
+        if scheme not in ("http", "https"):
+            raise ValueError(f"S3 endpoint {endpoint!r}: the scheme must be http or https")
+        secure = scheme == "https"
+    else:
+        host = endpoint.strip()
+    return host.rstrip("/"), secure
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -125,8 +147,35 @@ class ObjectStore:
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=60.0), maxsize=16,
                                    retries=urllib3.Retry(total=2, backoff_factor=0.2,
                                                          status_forcelist=[500, 502, 503, 504]))
+        # region= matters: without it the client asks the store for the bucket's region before its
+        # first request, and before presigning (which is otherwise offline).
         self.client = client or Minio(cfg.endpoint, access_key=cfg.access_key, secret_key=cfg.secret_key,
                                       secure=cfg.secure, region=cfg.region, http_client=http)
+        self._presigner = self.client
+        if cfg.public_endpoint:
+            host, secure = _split_endpoint(cfg.public_endpoint, cfg.secure)
+            # Same key pair and region; the signature covers the host, so URLs must be signed for the
+            # address clients will use.
+            self._presigner = Minio(host, access_key=cfg.access_key, secret_key=cfg.secret_key, secure=secure,
+                                    region=cfg.region)
+
+    @property
+    def supports_presigned(self) -> bool:
+        """Whether presigned_get() URLs may be handed out (BAGEL_S3_PRESIGN)."""
+        return self.cfg.presign
+
+    def presigned_get(self, key: str, expires_s: int = 3600, response_content_type: str | None = None) -> str:
+        """A URL that GETs object `key` without credentials until `expires_s` seconds from now. Computed
+        locally (no request to the store); the store checks signature and expiry when it is used.
+        `response_content_type` makes the store answer with that Content-Type."""
+        check_key(key)
+        if isinstance(expires_s, bool) or not isinstance(expires_s, int) or \
+                not MIN_PRESIGN_S <= expires_s <= MAX_PRESIGN_S:
+            raise InputError(f"expires_s must be a whole number of seconds from {MIN_PRESIGN_S} to "
+                             f"{MAX_PRESIGN_S} (7 days), got {expires_s!r}")
+        headers = {"response-content-type": response_content_type} if response_content_type else None
+        return self._call(f"presign {self.bucket}/{key}", self._presigner.presigned_get_object, self.bucket, key,
+                          expires=timedelta(seconds=expires_s), response_headers=headers)
 
     def _bucket(self, bucket: str | None) -> str:
         if bucket and bucket != self.bucket:

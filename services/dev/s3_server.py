@@ -36,7 +36,8 @@ DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY = "bagel-local", "bagel-local-secret"
 
 # Runs inside node. s3rver 3 only looks up the access key of a SigV4 request and accepts unsigned
 # ones, so this adds a middleware, first in the chain, that verifies every request's AWS Signature V4
-# (header form) against our key pair: a wrong secret is SignatureDoesNotMatch, as with MinIO. It then
+# against our key pair, in the Authorization header or in the query string (a presigned URL, which
+# also expires): a wrong secret or a tampered URL is SignatureDoesNotMatch, as with MinIO. It then
 # pre-creates buckets, prints the bound address as one JSON line, and exits when its stdin closes
 # (the parent is gone).
 _LAUNCHER = r"""
@@ -80,11 +81,90 @@ function verifySigV4(ctx) {
   }
 }
 
+// Query-string SigV4 (a presigned URL), as S3 checks it: the canonical request is built from the
+// decoded path and parameters, each URI-encoded again (RFC 3986 unreserved characters kept) and sorted
+// by key, without X-Amz-Signature; the payload is UNSIGNED-PAYLOAD. Re-encoding, rather than taking the
+// URL's text, means any other spelling of the same URL verifies the same way.
+const uriEncode = s => encodeURIComponent(s).replace(/[!'()*]/g, c => '%' + c.charCodeAt(0).toString(16).toUpperCase());
+const PRESIGN_PARAMS = ['X-Amz-Algorithm', 'X-Amz-Credential', 'X-Amz-Date', 'X-Amz-Expires', 'X-Amz-SignedHeaders',
+                        'X-Amz-Signature'];
+const CREDENTIAL_RE = /^([^/]+)\/(\d{8})\/([^/]+)\/([^/]+)\/aws4_request$/;
+const AMZ_DATE_RE = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z$/;
+const MAX_PRESIGN_S = 7 * 24 * 3600;
+
+function queryError(message) {
+  return new S3Error('AuthorizationQueryParametersError', message);
+}
+
+function verifyPresigned(ctx) {
+  const url = ctx.req.url, q = url.indexOf('?');
+  const decode = text => {
+    try { return decodeURIComponent(text); } catch (e) { throw queryError('Malformed URL encoding: ' + text); }
+  };
+  const pairs = (q < 0 ? '' : url.slice(q + 1)).split('&').filter(p => p).map(p => {
+    const i = p.indexOf('=');
+    return i < 0 ? [decode(p), ''] : [decode(p.slice(0, i)), decode(p.slice(i + 1))];
+  });
+  const params = {};
+  for (const [k, v] of pairs) {
+    if (k in params) throw queryError('Query parameter ' + k + ' is given twice.');
+    params[k] = v;
+  }
+  for (const name of PRESIGN_PARAMS) {
+    if (!params[name]) throw queryError('Query-string authentication version 4 requires the ' + PRESIGN_PARAMS.join(', ') + ' parameters.');
+  }
+  if (params['X-Amz-Algorithm'] !== 'AWS4-HMAC-SHA256') throw queryError('X-Amz-Algorithm only supports "AWS4-HMAC-SHA256".');
+  const cred = CREDENTIAL_RE.exec(params['X-Amz-Credential']);
+  const when = AMZ_DATE_RE.exec(params['X-Amz-Date']);
+  const expires = /^\d+$/.test(params['X-Amz-Expires']) ? Number(params['X-Amz-Expires']) : NaN;
+  if (!cred) throw queryError('Error parsing the X-Amz-Credential parameter.');
+  if (!when) throw queryError('X-Amz-Date must be in the ISO8601 basic format YYYYMMDDTHHMMSSZ.');
+  if (!(expires >= 1 && expires <= MAX_PRESIGN_S)) throw queryError('X-Amz-Expires must be 1 to 604800 seconds.');
+  const [, accessKey, date, region, service] = cred;
+  if (accessKey !== cfg.accessKey) {
+    throw new S3Error('AccessDenied', 'The AWS Access Key Id you provided does not exist in our records.');
+  }
+  if (date !== params['X-Amz-Date'].slice(0, 8)) throw queryError('The credential date does not match X-Amz-Date.');
+
+  // Each segment decoded then encoded again: an encoded '/' inside a key stays part of its segment.
+  const path = (q < 0 ? url : url.slice(0, q)).split('/').map(seg => uriEncode(decode(seg))).join('/');
+  const query = pairs.filter(([k]) => k !== 'X-Amz-Signature').map(([k, v]) => [uriEncode(k), uriEncode(v)])
+    .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0));
+  const signedHeaders = params['X-Amz-SignedHeaders'];
+  const headers = signedHeaders.split(';')
+    .map(n => n + ':' + String(ctx.req.headers[n] === undefined ? '' : ctx.req.headers[n]).replace(/ +/g, ' ').trim());
+  const canonical = [ctx.method, path || '/', query.map(kv => kv.join('=')).join('&'),
+                     headers.join('\n'), '', signedHeaders, 'UNSIGNED-PAYLOAD'].join('\n');
+  const scope = [date, region, service, 'aws4_request'].join('/');
+  const toSign = ['AWS4-HMAC-SHA256', params['X-Amz-Date'], scope, sha256hex(canonical)].join('\n');
+  const key = hmac(hmac(hmac(hmac('AWS4' + cfg.secretKey, date), region), service), 'aws4_request');
+  const expected = Buffer.from(hmac(key, toSign).toString('hex'));
+  const given = Buffer.from(params['X-Amz-Signature']);
+  if (given.length !== expected.length || !crypto.timingSafeEqual(expected, given)) {
+    throw new S3Error('SignatureDoesNotMatch',
+      'The request signature we calculated does not match the signature you provided.');
+  }
+  // Checked once the URL is known to be genuine, so that a tampered one reads as tampered.
+  const signedAt = Date.UTC(+when[1], +when[2] - 1, +when[3], +when[4], +when[5], +when[6]);
+  if (Date.now() > signedAt + expires * 1000) throw new S3Error('AccessDenied', 'Request has expired');
+  if (Date.now() < signedAt - 15 * 60 * 1000) throw new S3Error('AccessDenied', 'Request is not valid yet');
+}
+
 const server = new S3rver({
   address: cfg.host, port: cfg.port, directory: cfg.directory, silent: true,
   configureBuckets: cfg.buckets.map(name => ({ name, configs: [] })),
 });
-server.middleware.unshift(async (ctx, next) => { verifySigV4(ctx); await next(); });
+server.middleware.unshift(async (ctx, next) => {
+  if (/[?&]X-Amz-Algorithm=/.test(ctx.req.url)) {
+    if (ctx.get('authorization')) {
+      throw new S3Error('InvalidArgument', 'Only one auth mechanism allowed: the query string or the Authorization header.');
+    }
+    verifyPresigned(ctx);
+  } else {
+    verifySigV4(ctx);
+  }
+  await next();
+});
 const quit = () => server.close().catch(() => {}).finally(() => process.exit(0));
 server.run().then(({ address, port }) => {
   process.stdout.write(JSON.stringify({ address, port }) + '\n');
