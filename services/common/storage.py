@@ -279,4 +279,5 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 __all__ = ["StorageConfig", "ObjectStore", "StorageError", "ObjectNotFound", "StorageNotConfigured",
-           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "job_prefix", "output_key", "encode_png", "MAX_OBJECT_BYTES"]
+           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "job_prefix", "output_key", "encode_png",
+           "MAX_OBJECT_BYTES", "MIN_PRESIGN_S", "MAX_PRESIGN_S"]

@@ -111,9 +111,14 @@ function verifyPresigned(ctx) {
     params[k] = v;
   }
   for (const name of PRESIGN_PARAMS) {
-    if (!params[name]) throw queryError('Query-string authentication version 4 requires the ' + PRESIGN_PARAMS.join(', ') + ' parameters.');
+    if (!params[name]) {
+      throw queryError('Query-string authentication version 4 requires the ' + PRESIGN_PARAMS.join(', ') +
+                       ' parameters.');
+    }
   }
-  if (params['X-Amz-Algorithm'] !== 'AWS4-HMAC-SHA256') throw queryError('X-Amz-Algorithm only supports "AWS4-HMAC-SHA256".');
+  if (params['X-Amz-Algorithm'] !== 'AWS4-HMAC-SHA256') {
+    throw queryError('X-Amz-Algorithm only supports "AWS4-HMAC-SHA256".');
+  }
   const cred = CREDENTIAL_RE.exec(params['X-Amz-Credential']);
   const when = AMZ_DATE_RE.exec(params['X-Amz-Date']);
   const expires = /^\d+$/.test(params['X-Amz-Expires']) ? Number(params['X-Amz-Expires']) : NaN;
@@ -157,7 +162,8 @@ const server = new S3rver({
 server.middleware.unshift(async (ctx, next) => {
   if (/[?&]X-Amz-Algorithm=/.test(ctx.req.url)) {
     if (ctx.get('authorization')) {
-      throw new S3Error('InvalidArgument', 'Only one auth mechanism allowed: the query string or the Authorization header.');
+      throw new S3Error('InvalidArgument',
+        'Only one auth mechanism allowed: the query string or the Authorization header.');
     }
     verifyPresigned(ctx);
   } else {
