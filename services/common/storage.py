@@ -73,7 +73,7 @@ class StorageConfig(EnvSettings):
     # decides TLS), when that differs from `endpoint` (e.g. minio:9000 inside a cluster). Only used to
     # presign URLs: it is never connected to.
     public_endpoint: str | None = setting("BAGEL_S3_PUBLIC_ENDPOINT", None)
-    # Off for a store that cannot serve presigned URLs: callers then fall back to returning bytes.
+    # Off for a store that cannot serve presigned URLs: ObjectStore.supports_presigned then says so.
     presign: bool = setting("BAGEL_S3_PRESIGN", True)
 
     @classmethod
