@@ -23,10 +23,11 @@ Records of finished jobs expire after `ttl_seconds` (default one day); running o
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import redis
 from redis.exceptions import LockNotOwnedError
@@ -384,3 +385,140 @@ def _end(job: jobs_pb2.Job, state: int, result: jobs_pb2.JobResult | None = None
     if error is not None:
         job.error.CopyFrom(jobs_pb2.JobError(code=error[0], message=error[1]))
     return True
+
+
+class AsyncJobReader:
+    """The gateway's asyncio view of the job records: read and follow jobs without a thread per waiting
+    client. All followers share one pub/sub connection (_Hub) and a small bounded pool for reads, so
+    hundreds of long polls and event streams cost coroutines, not threads or connections. Writes stay
+    with JobStore; this only reads and listens."""
+
+    def __init__(self, url: str, ttl_seconds: int = 86400, max_connections: int = 32):
+        import redis.asyncio as aioredis  # the asyncio client; only the gateway needs it
+
+        # A blocking pool: a burst of readers waits for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10,
+                                                        socket_timeout=10, socket_connect_timeout=5,
+                                                        health_check_interval=30)
+        self.r = aioredis.Redis(connection_pool=pool)
+        self.ttl = ttl_seconds
+        self._hub = _Hub(self.r)
+
+    async def get(self, job_id: str) -> jobs_pb2.Job:
+        raw = await self.r.hget(JobStore.key(job_id), "job") if valid_id(job_id) else None
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or finished more than {self.ttl} s ago)")
+        return jobs_pb2.Job.FromString(raw)
+
+    async def watch(self, job_id: str, timeout: float | None = None, tick_s: float = 1.0, reread_s: float = 5.0,
+                    idle: bool = False) -> AsyncIterator[jobs_pb2.Job | None]:
+        """The job now, then after every change, until it ends or `timeout` seconds pass (as
+        JobStore.watch). Listens before reading, so no change in between is missed, and reads the record
+        again every `reread_s` in case a message was lost (pub/sub does not queue across a reconnect).
+        With `idle`, also None at every quiet `tick_s`, so the caller can send a keep-alive or check that
+        its client is still there."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = JobStore.key(job_id) + ":events"
+        inbox = await self._hub.join(channel)
+        try:
+            last = await self.get(job_id)
+            yield last
+            read_at = time.monotonic()
+            while not is_terminal(last):
+                wait = tick_s if deadline is None else min(tick_s, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                try:
+                    job = jobs_pb2.Job.FromString(await asyncio.wait_for(inbox.get(), wait))
+                except asyncio.TimeoutError:
+                    job = None
+                if job is None and time.monotonic() - read_at >= reread_s:
+                    job, read_at = await self.get(job_id), time.monotonic()
+                if job is not None and job != last:
+                    last = job
+                    yield job
+                elif idle:
+                    yield None
+        finally:
+            await self._hub.leave(channel, inbox)
+
+    async def wait(self, job_id: str, timeout: float, still_wanted: Callable[[], Awaitable[bool]] | None = None
+                   ) -> jobs_pb2.Job:
+        """The job once it has ended, or as it is when `timeout` passes (or the caller stops wanting it:
+        `still_wanted()` is asked about once a second)."""
+        last = None
+        async for job in self.watch(job_id, timeout, idle=still_wanted is not None):
+            if job is not None:
+                last = job
+            if still_wanted is not None and not await still_wanted():
+                break
+        return last
+
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    async def close(self) -> None:
+        await self._hub.close()
+        await self.r.aclose()
+
+
+class _Hub:
+    """One pub/sub connection for every follower in the process: channels are subscribed while someone
+    listens, and each message is handed to the listeners' queues."""
+
+    def __init__(self, r):
+        self.r = r
+        self.pubsub = None
+        self.inboxes: dict[str, set[asyncio.Queue]] = {}
+        self.task: asyncio.Task | None = None
+        self.lock = asyncio.Lock()
+
+    async def join(self, channel: str) -> asyncio.Queue:
+        inbox: asyncio.Queue = asyncio.Queue(maxsize=64)  # a slow listener drops updates; it re-reads
+        async with self.lock:
+            if self.pubsub is None:
+                self.pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            if channel not in self.inboxes:
+                self.inboxes[channel] = set()
+                await self.pubsub.subscribe(channel)
+            self.inboxes[channel].add(inbox)
+            if self.task is None or self.task.done():
+                self.task = asyncio.get_running_loop().create_task(self._deliver())
+        return inbox
+
+    async def leave(self, channel: str, inbox: asyncio.Queue) -> None:
+        async with self.lock:
+            listeners = self.inboxes.get(channel)
+            if listeners is None:
+                return
+            listeners.discard(inbox)
+            if not listeners:
+                del self.inboxes[channel]
+                try:
+                    await self.pubsub.unsubscribe(channel)
+                except Exception:  # noqa: BLE001 - gone with the connection; resubscribed on reconnect otherwise
+                    pass
+
+    async def _deliver(self) -> None:
+        while True:
+            try:
+                msg = await self.pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a dropped connection: listeners re-read; retry shortly
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+            for inbox in list(self.inboxes.get(channel, ())):
+                try:
+                    inbox.put_nowait(msg["data"])
+                except asyncio.QueueFull:
+                    pass
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.pubsub is not None:
+            await self.pubsub.aclose()

@@ -40,6 +40,7 @@ class JobPlan:
     text_params: TextParams | None = None  # the answer's (understand) or the plan's (think)
     think: bool = False
     session: SessionRef | None = None
+    context_tokens: int = 0               # the prompt and the input image, as the model counts them
 
 
 def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
@@ -81,9 +82,9 @@ def _tokenizer() -> BagelTokenizer:
     return BagelTokenizer(packaged_tokenizer_dir())
 
 
-def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, cfg: BagelConfig) -> None:
+def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, cfg: BagelConfig) -> int:
     """Refuse a prompt that cannot fit the model's context with its (VAE-resized) image, as the LLM would
-    (it checks again against its own KV cache and adds what decoding needs)."""
+    (it checks again against its own KV cache and adds what decoding needs). Returns the tokens needed."""
     total = len(_tokenizer().encode(req.prompt)) + 2
     if resized is not None:
         w, h = vit_resize(resized).size
@@ -94,6 +95,7 @@ def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, c
     limit = cfg.llm.max_position_embeddings
     if total > limit:
         raise InputError(f"prompt: the prompt and images need {total} context tokens; the model's limit is {limit}")
+    return total
 
 
 def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
@@ -102,13 +104,13 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     check_request(req)
     image = load_image(image_bytes) if image_bytes is not None else None
     resized = vae_resize(image) if image is not None else None  # the size every later rule reads
-    check_context(req, resized, cfg)
+    tokens = check_context(req, resized, cfg)
     name = WORKFLOW_NAMES[req.workflow]
     session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
     if name == "understand":
         budget = THINK_TOKENS if req.think else ANSWER_TOKENS
         return JobPlan(name, req.prompt, image, text_params=messages.text_params(req.text_params, budget),
-                       think=req.think, session=session)
+                       think=req.think, session=session, context_tokens=tokens)
     msg = llm_pb2.ImageParams()
     msg.CopyFrom(req.image_params)
     if msg.preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
@@ -128,4 +130,4 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
                                      has_input_image=name == "edit")
     think_params = messages.text_params(req.text_params, THINK_TOKENS) if req.think else None
     return JobPlan(name, req.prompt, image, image_params=params, text_params=think_params, think=req.think,
-                   session=session)
+                   session=session, context_tokens=tokens)

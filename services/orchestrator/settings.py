@@ -38,3 +38,5 @@ class OrchestratorSettings(EnvSettings):
     max_queued: int = setting("BAGEL_MAX_QUEUED_JOBS", 1000, low=1)
     # the workers' janitor: orphaned jobs queued again, expired objects deleted
     sweep_s: int = setting("BAGEL_JOB_SWEEP_SECONDS", 15, low=1)
+    # the served model's name in the OpenAI-compatible API (`model`, /v1/models)
+    model_name: str = setting("BAGEL_MODEL_NAME", "BAGEL-7B-MoT")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,7 +19,8 @@ from starlette.datastructures import UploadFile  # what request.form() returns
 from services.common.contracts import InputError, TooLarge, grpc_code_of, http_status_of
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
-from services.orchestrator.gateway.operations import Gateway
+from services.orchestrator.gateway.openai_errors import is_openai_path, openai_error
+from services.orchestrator.gateway.operations import IMAGE_FORMATS, Gateway
 from services.orchestrator.jobs import is_terminal
 
 log = logging.getLogger("bagel.gateway")
@@ -45,96 +47,194 @@ def _wait_param(value: str | None) -> float | None:
     return wait
 
 
-def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
-    app = FastAPI(title="bagel-serve gateway", docs_url=None, redoc_url=None)
+KEEPALIVE_S = 15.0  # an event stream sends at least this often, so idle proxies keep it open
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if auth_token and path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), auth_token.encode()):
-                return JSONResponse({"code": "UNAUTHENTICATED", "message": "missing or invalid bearer token"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"code": "INVALID_ARGUMENT",
-                                 "message": f"request body of {length} bytes; the limit is {MAX_BODY_BYTES}"},
-                                status_code=413)
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error with its status
-            response = _error_json(exc)
-        if g.metrics is not None:
-            route = request.scope.get("route")
-            g.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+JOB_RESPONSES = {400: {"description": "bad request (code INVALID_ARGUMENT)"},
+                 401: {"description": "missing or wrong bearer token"},
+                 404: {"description": "no such job"}}
+
+
+def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
+    """The HTTP front, on asyncio end to end: waiting (long polls, event streams, synchronous OpenAI
+    calls) follows Redis with async pub/sub and holds no thread; only short blocking calls (planning and
+    storing a job, reading an image) go to the thread pool."""
+    app = FastAPI(title="bagel-serve gateway", version="1", docs_url="/docs", redoc_url=None,
+                  description="The job API and the OpenAI-compatible API of a BAGEL deployment.")
+
+    app.add_middleware(Guard, gateway=g, auth_token=auth_token)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
-        return JSONResponse({"code": "INVALID_ARGUMENT", "message": f"bad request: {exc.errors()}"}, status_code=400)
+        return error_response(request.url.path, "INVALID_ARGUMENT", f"bad request: {_describe(exc)}", 400)
 
-    @app.post("/v1/jobs")
+    async def follow(request: Request, job_id: str, timeout: float, inline_image: bool) -> jobs_pb2.Job:
+        job = await g.reader.wait(job_id, timeout, still_wanted=lambda: _connected(request))
+        return await run_in_threadpool(g._with_image, job, inline_image)
+
+    @app.post("/v1/jobs", responses={202: {"description": "accepted: the Job"}, **JOB_RESPONSES})
     async def submit(request: Request, wait: str | None = None):
+        """Submit a job (a SubmitJobRequest as JSON, or multipart: `request` JSON + `image` file). With
+        `wait`, answers 200 with the ended Job if it ends within that many seconds."""
         timeout = _wait_param(wait)
         req = await _read_submit(request)
-        # Redis, S3 and waiting block: off the event loop.
-        job = await run_in_threadpool(g.submit, req)
+        job = await run_in_threadpool(g.submit, req)  # planning, S3 and Redis writes: short, blocking
         if timeout:
-            job = await run_in_threadpool(g.wait, job.id, timeout, req.inline_image)
+            job = await follow(request, job.id, timeout, req.inline_image)
+        else:
+            job = await run_in_threadpool(g._with_image, job, False)
         return _job_json(job, 200 if is_terminal(job) else 202)
 
-    @app.get("/v1/jobs/{job_id}")
-    def get(job_id: str, wait: str | None = None, inline_image: bool = False):
+    @app.get("/v1/jobs/{job_id}", responses=JOB_RESPONSES)
+    async def get(request: Request, job_id: str, wait: str | None = None, inline_image: bool = False):
+        """The Job; with `wait`, as soon as it ends (long poll)."""
         timeout = _wait_param(wait)
-        return _job_json(g.wait(job_id, timeout, inline_image) if timeout else g.get(job_id, inline_image))
+        if timeout:
+            return _job_json(await follow(request, job_id, timeout, inline_image))
+        return _job_json(await run_in_threadpool(g._with_image, await g.reader.get(job_id), inline_image))
 
-    @app.get("/v1/jobs/{job_id}/events")
-    def events(job_id: str, wait: str | None = None):
-        """Server-sent events: the Job as JSON at every change until it ends (or `wait` seconds pass)."""
+    @app.get("/v1/jobs/{job_id}/events", responses=JOB_RESPONSES)
+    async def events(job_id: str, wait: str | None = None):
+        """Server-sent events: the Job as JSON at every change until it ends (or `wait` seconds pass), and a
+        keep-alive comment at least every 15 s."""
         timeout = _wait_param(wait) or MAX_WAIT_S
-        g.get(job_id)  # an unknown job is a 404 here, not an empty stream
+        await g.reader.get(job_id)  # an unknown job is a 404 here, not an empty stream
 
-        def stream():
-            for job in g.watch(job_id, timeout):
+        async def stream():
+            last_sent = time.monotonic()
+            async for job in g.reader.watch(job_id, timeout, idle=True):
+                if job is None:
+                    if time.monotonic() - last_sent >= KEEPALIVE_S:
+                        last_sent = time.monotonic()
+                        yield ": keep-alive\n\n"
+                    continue
+                if job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.image_key:
+                    g.add_result_url(job)
+                last_sent = time.monotonic()
                 data = json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True))
                 yield f"event: job\ndata: {data}\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/v1/jobs/{job_id}/image")
-    def image(job_id: str):
-        return Response(g.image(job_id), media_type="image/png")
+    @app.get("/v1/jobs/{job_id}/image", responses=JOB_RESPONSES, response_class=Response)
+    async def image(job_id: str):
+        """The output PNG of a generate / edit job."""
+        return Response(await run_in_threadpool(g.image, job_id), media_type="image/png")
 
-    @app.post("/v1/jobs/{job_id}/cancel")
-    def cancel(job_id: str):
-        return _job_json(g.cancel(job_id))
+    @app.get("/v1/jobs/{job_id}/result", responses=JOB_RESPONSES, response_class=Response)
+    async def result(job_id: str, format: str = "png", quality: int | None = None):
+        """The output image in `format` (png, jpeg, webp; `quality` 0-100 for the lossy ones): the URL a
+        job names when the object store cannot presign one."""
+        data = await run_in_threadpool(g.result_image, job_id, format, quality)
+        return Response(data, media_type=IMAGE_FORMATS[format])
 
-    @app.delete("/v1/sessions/{session_id}")
-    def end_session(session_id: str):
-        g.delete_session(session_id)
+    @app.post("/v1/jobs/{job_id}/cancel", responses=JOB_RESPONSES)
+    async def cancel(job_id: str):
+        return _job_json(await run_in_threadpool(g.cancel, job_id))
+
+    @app.delete("/v1/sessions/{session_id}", responses={404: {"description": "no such session"}})
+    async def end_session(session_id: str):
+        await run_in_threadpool(g.delete_session, session_id)
         return {"deleted": True}
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
+        """Alive: answers at once, whatever else is open."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    def readyz():
-        why = g.ready()
+    @app.get("/readyz", responses={503: {"description": "Redis or the bucket unreachable"}})
+    async def readyz():
+        try:
+            await g.reader.ping()
+            why = await run_in_threadpool(g.ready)
+        except Exception as e:  # noqa: BLE001
+            why = f"redis: {e}"
         return JSONResponse({"status": "ok" if why is None else "unavailable", "reason": why or ""},
                             status_code=200 if why is None else 503)
 
+    from services.orchestrator.gateway.openai_api import openai_router
+
+    app.include_router(openai_router(g))
     return app
 
 
-def _error_json(exc: Exception) -> JSONResponse:
+class Guard:
+    """Auth, the body-size limit, errors as JSON and the request counter, as plain ASGI middleware: it
+    passes the connection through untouched, so a handler sees its client hang up (Starlette's
+    BaseHTTPMiddleware would hide that) and streams are not buffered."""
+
+    def __init__(self, app, gateway: Gateway, auth_token: str | None):
+        self.app, self.g, self.auth_token = app, gateway, auth_token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(path, headers)
+        if refusal is not None:
+            return await self._respond(scope, refusal, receive, send)
+        status = {}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error with its status
+            if "code" in status:
+                raise  # the response had started (a stream): nothing else can be sent
+            await self._respond(scope, _error_json(path, exc), receive, send)
+            return
+        self._count(scope, status.get("code", 500))
+
+    def _refusal(self, path: str, headers: dict[str, str]):
+        if self.auth_token and path.startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.auth_token.encode()):
+                return error_response(path, "UNAUTHENTICATED", "missing or invalid bearer token", 401,
+                                      headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(path, "INVALID_ARGUMENT",
+                                  f"request body of {length} bytes; the limit is {MAX_BODY_BYTES}", 413)
+        return None
+
+    async def _respond(self, scope, response, receive, send) -> None:
+        await response(scope, receive, send)
+        self._count(scope, response.status_code)
+
+    def _count(self, scope, code: int) -> None:
+        if self.g.metrics is not None:
+            route = scope.get("route")
+            self.g.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(code)).inc()
+
+
+async def _connected(request: Request) -> bool:
+    return not await request.is_disconnected()
+
+
+def _describe(exc: RequestValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+                     for e in exc.errors()) or str(exc)
+
+
+def error_response(path: str, code: str, message: str, status: int, headers: dict | None = None) -> JSONResponse:
+    """The job API's error shape, or OpenAI's on the OpenAI-compatible paths."""
+    if is_openai_path(path):
+        return JSONResponse(openai_error(code, message, status), status_code=status, headers=headers)
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+def _error_json(path: str, exc: Exception) -> JSONResponse:
     """The error's own declaration decides the status; unexpected errors say nothing more."""
     code = grpc_code_of(exc)
     if code == "INTERNAL":
         log.error("http request failed", exc_info=exc)
     message = str(exc) if code != "INTERNAL" else "internal error"
-    return JSONResponse({"code": code, "message": message}, status_code=http_status_of(exc))
+    return error_response(path, code, message, http_status_of(exc))
 
 
 async def _read_submit(request: Request) -> jobs_pb2.SubmitJobRequest:

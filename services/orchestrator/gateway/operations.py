@@ -6,33 +6,57 @@ id, so an accepted job survives a gateway restart."""
 
 from __future__ import annotations
 
+import io
 import logging
+import time
 import uuid
 from typing import Iterator
 
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from services.common.contracts import NoOutput, QueueFull, SessionNotFound
+from services.common.contracts import InputError, NoOutput, QueueFull, SessionNotFound
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.common.storage import ObjectStore, StorageError, job_prefix
-from services.orchestrator.jobs import JobStore
+from services.orchestrator.jobs import AsyncJobReader, JobStore
 from services.orchestrator.metrics import GatewayMetrics
-from services.orchestrator.plan import WORKFLOW_NAMES, check_session_id, plan_job
+from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_session_id, plan_job
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.tasks import CONTROL_QUEUE, DELETE_SESSION_TASK, QUEUE, TASK
 
 log = logging.getLogger("bagel.gateway")
 
+RESULT_URL_TTL_S = 3600  # how long a presigned result URL stays valid
+IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_image(png: bytes, fmt: str, quality: int | None = None) -> bytes:
+    """A stored PNG in another format: `quality` 0-100 for jpeg / webp (OpenAI's output_compression; a PNG
+    is lossless and returned as stored)."""
+    if fmt not in IMAGE_FORMATS:
+        raise InputError(f"format: one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+    if quality is not None and not 0 <= quality <= 100:
+        raise InputError(f"output_compression: in [0, 100], got {quality}")
+    if fmt == "png":
+        return png
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(out, format=fmt.upper(),
+                                                    quality=quality if quality is not None else 90)
+    return out.getvalue()
+
 
 class Gateway:
     """The job operations, shared by the gRPC and HTTP fronts."""
 
-    def __init__(self, jobs: JobStore, store: ObjectStore, celery: Celery, settings: OrchestratorSettings):
+    def __init__(self, jobs: JobStore, store: ObjectStore, celery: Celery, settings: OrchestratorSettings,
+                 reader: AsyncJobReader | None = None):
         self.jobs, self.store, self.celery, self.settings = jobs, store, celery, settings
+        # the HTTP front's asyncio view of the same records
+        self.reader = reader or AsyncJobReader(settings.redis_url, ttl_seconds=settings.job_ttl_s)
         self.metrics: GatewayMetrics | None = None
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
@@ -44,6 +68,11 @@ class Gateway:
 
     def submit(self, req: jobs_pb2.SubmitJobRequest) -> jobs_pb2.Job:
         return self._counted_submit(req, uuid.uuid4().hex)[0]
+
+    def submit_planned(self, req: jobs_pb2.SubmitJobRequest) -> tuple[jobs_pb2.Job, JobPlan]:
+        """Submit, and also return the plan it was checked with (its context size, say)."""
+        job, _, plan = self._counted_submit(req, uuid.uuid4().hex, with_plan=True)
+        return job, plan
 
     def run(self, req: jobs_pb2.SubmitJobRequest, inline_image: bool = False,
             alive=None) -> tuple[jobs_pb2.Job, Iterator[jobs_pb2.Job]]:
@@ -62,20 +91,20 @@ class Gateway:
         updates = self.jobs.watch(job.id, None, alive=alive, since=(subscription, job) if new else None)
         return job, (self._with_image(update, inline_image) for update in updates)
 
-    def _counted_submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool]:
+    def _counted_submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str, with_plan: bool = False):
         try:
-            job, new = self._submit(req, job_id)
+            job, new, plan = self._submit(req, job_id)
         except Exception:
             self._count(req, "refused")
             raise
         self._count(req, "accepted" if new else "duplicate")
-        return job, new
+        return (job, new, plan) if with_plan else (job, new)
 
-    def _submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool]:
+    def _submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool, JobPlan]:
         image = req.image or None
         if req.image_key:
             image = self.store.get_bytes(req.image_key, max_bytes=MAX_IMAGE_BYTES)  # NOT_FOUND if missing
-        plan_job(req, image)  # every check the worker will make, before anything is accepted
+        plan = plan_job(req, image)  # every check the worker will make, before anything is accepted
         if self.jobs.r.llen(QUEUE) >= self.settings.max_queued:
             raise QueueFull(f"{self.settings.max_queued} jobs are waiting; retry later")
         stored = jobs_pb2.SubmitJobRequest()
@@ -88,7 +117,7 @@ class Gateway:
         if not created.new:
             if req.image:
                 self.store.delete(stored.image_key)  # the earlier job has its own copy
-            return created.job, False
+            return created.job, False, plan
         try:
             self.celery.send_task(TASK, args=[created.job.id], queue=QUEUE)
         except Exception as e:  # noqa: BLE001 - the broker refused: the job must not look accepted
@@ -96,7 +125,7 @@ class Gateway:
             raise StorageError(f"the job queue is unreachable: {e}") from None
         log.info("job accepted", extra={"job_id": created.job.id,
                                         "workflow": jobs_pb2.Workflow.Name(req.workflow)})
-        return created.job, True
+        return created.job, True, plan
 
     def get(self, job_id: str, inline_image: bool = False) -> jobs_pb2.Job:
         return self._with_image(self.jobs.get(job_id), inline_image)
@@ -130,11 +159,7 @@ class Gateway:
             raise SessionNotFound(session_id)
 
     def image(self, job_id: str) -> bytes:
-        job = self.jobs.get(job_id)
-        if not job.result.image_key:
-            raise NoOutput(f"job {job_id} has no image: it is {jobs_pb2.JobState.Name(job.state)}"
-                           + ("" if job.workflow != jobs_pb2.WORKFLOW_UNDERSTAND else " (understand answers text)"))
-        return self.store.get_bytes(job.result.image_key)
+        return self.result_image(job_id, "png")
 
     def ready(self) -> str | None:
         """None when Redis and the bucket answer, else what does not."""
@@ -149,6 +174,44 @@ class Gateway:
         return None
 
     def _with_image(self, job: jobs_pb2.Job, inline: bool) -> jobs_pb2.Job:
-        if inline and job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.image_key:
-            job.result.image_png = self.store.get_bytes(job.result.image_key)
+        if job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.image_key:
+            self.add_result_url(job)
+            if inline:
+                job.result.image_png = self.store.get_bytes(job.result.image_key)
         return job
+
+    # ---- results as URLs and in other formats ----
+    def add_result_url(self, job: jobs_pb2.Job) -> jobs_pb2.Job:
+        """A finished image's download URL (see JobResult.image_url); presigning makes no network call."""
+        url, expires_at = self.result_url(job.id, job.result.image_key, "png")
+        job.result.image_url, job.result.image_url_expires_at = url, expires_at
+        return job
+
+    def result_url(self, job_id: str, key: str, fmt: str) -> tuple[str, float]:
+        """A presigned GET URL for the stored object and its expiry, or the gateway's own (authenticated)
+        result URL with expiry 0 when the store cannot presign."""
+        if self.store.supports_presigned:
+            ttl = RESULT_URL_TTL_S
+            return self.store.presigned_get(key, ttl, response_content_type=IMAGE_FORMATS[fmt]), time.time() + ttl
+        return f"/v1/jobs/{job_id}/result" + (f"?format={fmt}" if fmt != "png" else ""), 0.0
+
+    def result_image(self, job_id: str, fmt: str = "png", quality: int | None = None) -> bytes:
+        """The output image of a finished generate / edit job, encoded as asked."""
+        job = self.jobs.get(job_id)
+        if not job.result.image_key:
+            raise NoOutput(f"job {job_id} has no image: it is {jobs_pb2.JobState.Name(job.state)}"
+                           + ("" if job.workflow != jobs_pb2.WORKFLOW_UNDERSTAND else " (understand answers text)"))
+        return encode_image(self.store.get_bytes(job.result.image_key), fmt, quality)
+
+    def stored_result(self, job_id: str, fmt: str, quality: int | None = None) -> tuple[bytes, str, float]:
+        """The image encoded as asked, kept beside the job's output (deleted with the job) so that a URL can
+        name it: (bytes, url, expiry)."""
+        data = self.result_image(job_id, fmt, quality)
+        key = self.jobs.get(job_id).result.image_key
+        if fmt != "png":
+            key = job_prefix(job_id) + f"output-q{90 if quality is None else quality}.{fmt}"
+            self.store.put_bytes(key, data, IMAGE_FORMATS[fmt])
+        url, expires_at = self.result_url(job_id, key, fmt)
+        if not self.store.supports_presigned and quality is not None and fmt != "png":
+            url += ("&" if "?" in url else "?") + f"quality={quality}"
+        return data, url, expires_at
