@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -227,3 +228,19 @@ def test_hundreds_of_open_streams_cost_no_threads(stack, monkeypatch):
     assert took < 5.0  # a liveness probe's timeout, with 300 streams open
     assert all(b"event: job" in f and b": keep-alive" in f for f in firsts)
     stack.jobs.request_cancel(job.id)
+
+
+def test_the_openapi_schema_lists_what_is_served(stack):
+    schema = httpx.get(f"{stack.http.base_url}/openapi.json").json()
+    paths = schema["paths"]
+    assert {"/v1/images/generations", "/v1/images/edits", "/v1/chat/completions", "/v1/models", "/v1/jobs",
+            "/v1/jobs/{job_id}/events", "/healthz"} <= set(paths)
+    chat = paths["/v1/chat/completions"]["post"]
+    assert "messages" in json.dumps(chat["requestBody"]) or "ChatRequest" in json.dumps(chat["requestBody"])
+    codes = {code for p in paths.values() for op in p.values() for code in op["responses"]}
+    assert "422" not in codes and "400" in codes  # invalid requests are answered 400, never 422
+    assert "multipart/form-data" in paths["/v1/images/edits"]["post"]["requestBody"]["content"]
+    r = httpx.post(f"{stack.http.base_url}/v1/images/generations", headers={"authorization": f"Bearer {TOKEN}"},
+                   json={"model": MODEL, "prompt": "x", "n": "many"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{stack.http.base_url}/docs").status_code == 200

@@ -155,7 +155,26 @@ def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
     from services.orchestrator.gateway.openai_api import openai_router
 
     app.include_router(openai_router(g))
+    app.openapi = lambda: _openapi_as_served(app)
     return app
+
+
+def _openapi_as_served(app: FastAPI) -> dict:
+    """The schema FastAPI derives, corrected to what the server sends: a request that does not validate is
+    answered 400 (not FastAPI's 422), in the path's own error shape."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", {"description": "bad request"})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class Guard:
