@@ -1,4 +1,7 @@
-"""`bagel-serve`: checkpoint tools, the in-process workflows, and the demo (the project's main job)."""
+"""`bagel-serve`: checkpoint tools, the in-process workflows, and the demo (the project's main job).
+
+Model code and torch are imported by the commands that need them, not here: `bagel-serve gateway` and
+`bagel-serve worker` start as slim processes."""
 
 from __future__ import annotations
 
@@ -9,14 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from services.attention import backend_names
-from services.common.checkpoint import Checkpoint, CheckpointError
 from services.common.config import PRESETS
-from services.common.images import ImageError, load_image
-from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, ImageParams, InputError, Progress,
-                                       TextParams, THINK_TOKENS)
+from services.common.contracts import (ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, ImageParams, InputError,
+                                       Progress, TextParams)
+from services.common.images import load_image
 
-USER_ERRORS = (InputError, ImageError, CheckpointError, FileNotFoundError)
+# Bad images and checkpoints are InputErrors too (ImageError, CheckpointError).
+USER_ERRORS = (InputError, FileNotFoundError)
+# The attention registry's names (services/attention/registry.py imports torch; a test keeps the two equal),
+# so that building the parser loads no model code.
+ATTENTION_BACKENDS = ("sdpa", "triton")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -78,6 +83,8 @@ def cmd_checkpoint_init(args) -> int:
 
 
 def cmd_checkpoint_inspect(args) -> int:
+    from services.common.checkpoint import Checkpoint
+
     cfg = Checkpoint(args.dir).config
     print(json.dumps({"llm": cfg.llm.__dict__, "vit": cfg.vit.__dict__, "ae": cfg.ae.__dict__,
                       "max_latent_size": cfg.max_latent_size,
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--checkpoint", help="checkpoint directory (default: the embedded tiny model)")
         sp.add_argument("--device", default="cpu")
-        sp.add_argument("--attention", choices=backend_names(),
+        sp.add_argument("--attention", choices=ATTENTION_BACKENDS,
                         help="attention backend (default: triton on CUDA, sdpa elsewhere; BAGEL_ATTENTION_BACKEND "
                              "overrides the default)")
         sp.add_argument("--think", action="store_true", help="think before answering / generating")
@@ -277,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-output")
     d.add_argument("--checkpoint")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--attention", choices=backend_names(), help="attention backend (with --in-process)")
+    d.add_argument("--attention", choices=ATTENTION_BACKENDS, help="attention backend (with --in-process)")
     d.add_argument("--in-process", action="store_true", help="run the engines in this process, no services")
     d.set_defaults(func=cmd_demo)
 

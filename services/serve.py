@@ -25,19 +25,25 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from services.common.checkpoint import Checkpoint
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.logs import configure_logging
 from services.common.storage import ObjectStore, StorageConfig, StorageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from services.common.checkpoint import Checkpoint
+# torch and the checkpoint reader are imported when a server is built, not with this module: the CLI
+# imports it to declare `serve`'s options, and the gateway and worker commands must stay slim.
 
 log = logging.getLogger("bagel.serve")
 
 SERVERS = {"vit": "services.vit.server", "vae": "services.vae.server", "llm": "services.llm.server"}
 # dtype "auto": float32 on CPU; on a GPU the model's checkpoint dtype, except the AE (stored in fp32).
-AUTO_CUDA_DTYPE = {"vit": torch.bfloat16, "vae": torch.float32, "llm": torch.bfloat16}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_CUDA_DTYPE = {"vit": "bfloat16", "vae": "float32", "llm": "bfloat16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ServeError(RuntimeError):
@@ -61,17 +67,21 @@ def server_module(service: str):
 
 
 def resolve_device(device: str | None) -> str:
+    import torch
+
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(service: str, dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return AUTO_CUDA_DTYPE.get(service, torch.float32) if device.startswith("cuda") else torch.float32
+        return getattr(torch, AUTO_CUDA_DTYPE.get(service, "float32") if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise ServeError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or auto")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def open_store(env=None) -> ObjectStore | None:
@@ -104,6 +114,8 @@ def serve(service: str, port: int = 50051, checkpoint: str | Path | None = None,
         from services.dev.default_model import default_checkpoint_dir
 
         checkpoint = default_checkpoint_dir()
+    from services.common.checkpoint import Checkpoint
+
     ckpt = Checkpoint(checkpoint)  # json and tensor headers only: fails fast on a bad directory
     device = resolve_device(device)
     torch_dtype = resolve_dtype(service, dtype, device)

@@ -53,3 +53,10 @@ def test_bad_inputs_exit_2_with_a_message(tiny_ckpt_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_cli_offers_the_registrys_attention_backends():
+    from services.attention import backend_names
+    from services.cli import ATTENTION_BACKENDS
+
+    assert tuple(ATTENTION_BACKENDS) == tuple(backend_names())

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from services.common.contracts import InputError
 from services.common.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, side_of_square_table
 from services.common.tokenizer import TOKENIZER_FILES, BagelTokenizer
 
@@ -34,7 +35,7 @@ VIT_TABLE_KEY = VIT_PREFIX + "embeddings.position_embedding.weight"
 COMPONENTS = ("llm", "vit", "ae")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """The checkpoint directory is not in the expected layout; the message names what is wrong."""
 
 

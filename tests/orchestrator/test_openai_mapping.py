@@ -97,5 +97,5 @@ def test_openai_error_shape_and_paths():
 def test_a_failed_job_answers_with_its_own_status():
     job = jobs_pb2.Job(id="j", state=jobs_pb2.JOB_STATE_FAILED,
                        error=jobs_pb2.JobError(code="RESOURCE_EXHAUSTED", message="kv cache full"))
-    e = oa.JobFailed(job)
+    e = oa.JobFailed.of(job)
     assert (e.grpc_code, e.http_status, str(e)) == ("RESOURCE_EXHAUSTED", 429, "kv cache full")

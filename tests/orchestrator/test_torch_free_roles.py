@@ -22,6 +22,8 @@ def _modules_after(code: str) -> list[str]:
     ("gateway", "import services.orchestrator.gateway"),
     ("worker", "import services.orchestrator.celery_app"),
     ("worker's job path", "from services.orchestrator import runner, remote, workflows, plan"),
+    # `bagel-serve gateway` / `bagel-serve worker`: the command line itself must not load the model code
+    ("command line", "from services.cli import build_parser; build_parser().parse_args(['gateway'])"),
 ])
 def test_role_imports_no_torch_and_no_model_code(role, code):
     loaded = _modules_after(code)

@@ -267,7 +267,7 @@ async def _wait_all(g: Gateway, request: Request, job_ids: list[str]) -> list[jo
         raise DeadlineExceeded(f"not finished within {SYNC_TIMEOUT_S:.0f} s; cancelled")
     for job in jobs:
         if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job)
+            raise JobFailed.of(job)
     return jobs
 
 
@@ -288,10 +288,13 @@ def _cancel_quietly(g: Gateway, job_id: str) -> None:
 class JobFailed(ServiceError):
     """A job behind an OpenAI call failed: the call answers with the job's own status and message."""
 
-    def __init__(self, job: jobs_pb2.Job):
-        super().__init__(job.error.message or jobs_pb2.JobState.Name(job.state))
-        self.grpc_code = job.error.code or "INTERNAL"
-        self.http_status = HTTP_FOR_CODE.get(self.grpc_code, 500)
+    def __init__(self, message: str, code: str = "INTERNAL"):
+        super().__init__(message)
+        self.grpc_code, self.http_status = code, HTTP_FOR_CODE.get(code, 500)
+
+    @classmethod
+    def of(cls, job: jobs_pb2.Job) -> "JobFailed":
+        return cls(job.error.message or jobs_pb2.JobState.Name(job.state), job.error.code or "INTERNAL")
 
 
 # ---- replies --------------------------------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ async def _chat_stream(g: Gateway, request: Request, body: ChatRequest, req: job
                 yield _stream_error(DeadlineExceeded(f"not finished within {SYNC_TIMEOUT_S:.0f} s; cancelled"))
                 return
             if job_now.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-                yield _stream_error(JobFailed(job_now))
+                yield _stream_error(JobFailed.of(job_now))
                 return
             r = job_now.result
             if r.image_key:

@@ -44,6 +44,10 @@ class GatewayProcess:
                               lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s))
         self.http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this. Without it a response written in two pieces (headers, then
+        # body) waits for the client's delayed ACK: ~40 ms on every request (uvicorn sets it only on the
+        # sockets it creates itself).
+        self.http_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.http_socket.bind((host, http_port))
         self.http_port = self.http_socket.getsockname()[1]
         config = uvicorn.Config(build_http_app(gateway, auth_token), log_config=None, access_log=False,
