@@ -163,8 +163,12 @@ async function render(job) {
   if (p.stage === "answer") showText("answer", p.text);
   const r = job.result || {};
   if (job.state === "JOB_STATE_SUCCEEDED") {
-    if (r.think) showText("think", r.think);
-    if (r.text) showText("answer", r.text);
+    $("progress").setAttribute("value", $("progress").getAttribute("max"));
+    $("progress-label").textContent = "done";
+    // The final texts are authoritative: text streamed as reasoning that never closed is the answer.
+    $("think-box").hidden = !r.think;
+    $("think-text").textContent = r.think || "";
+    showText("answer", r.text);
     if (r.image_key) await showImage(job);
   } else if (job.state === "JOB_STATE_CANCELLED") {
     showError("Cancelled" + (job.error && job.error.message ? `: ${job.error.message}` : "."));
