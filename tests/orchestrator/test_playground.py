@@ -177,7 +177,23 @@ def test_understanding_streams_the_answer_and_the_reasoning(page, stack, tmp_pat
     expect(page.locator("#answer")).to_have_text(result["text"])
 
 
-def test_a_long_job_is_cancelled_from_the_page(page, stack):
+def test_editing_sends_the_image_with_the_edit_defaults(page, stack):
+    enter_token(page)
+    page.click("#tabs [data-tab=edit]")
+    page.set_input_files("#image", files=[{"name": "in.png", "mimeType": "image/png",
+                                           "buffer": png_bytes(noise_image(24, 24, seed=9))}])
+    page.fill("#prompt", "make it blue")
+    page.fill("#num_timesteps", "3")
+    page.fill("#seed", "4")
+    page.click("#run")
+    job_id = wait_for_end(page, "succeeded")
+    result = api(stack, f"/v1/jobs/{job_id}").json()["result"]
+    assert (result["width"], result["height"]) == (512, 512)  # the input's size as the VAE resizes it
+    assert page.evaluate("document.getElementById('result-image').naturalWidth") == 512
+    expect(page.locator("#image-info")).to_have_text("512×512, seed 4")
+
+
+def test_a_long_job_is_cancelled_from_the_page(page, stack, tmp_path):
     enter_token(page)
     page.click("#tabs [data-tab=generate]")
     page.fill("#prompt", "slow")
@@ -192,7 +208,9 @@ def test_a_long_job_is_cancelled_from_the_page(page, stack):
     t = time.monotonic()
     job_id = wait_for_end(page, "cancelled")
     took = time.monotonic() - t
-    expect(page.locator("#error")).to_contain_text("Cancelled")
+    expect(page.locator("#error")).to_have_text("Cancelled.")
     assert api(stack, f"/v1/jobs/{job_id}").json()["state"] == "JOB_STATE_CANCELLED"
     assert page.evaluate(step) < 999 and took < 30  # stopped mid-denoise, not run to the end
     expect(page.locator("#figure")).to_be_hidden()
+    page.screenshot(path=str(tmp_path / "playground-cancelled.png"), full_page=True)
+    print(f"playground screenshot: {tmp_path / 'playground-cancelled.png'}")

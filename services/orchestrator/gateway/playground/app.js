@@ -171,7 +171,8 @@ async function render(job) {
     showText("answer", r.text);
     if (r.image_key) await showImage(job);
   } else if (job.state === "JOB_STATE_CANCELLED") {
-    showError("Cancelled" + (job.error && job.error.message ? `: ${job.error.message}` : "."));
+    const why = (job.error && job.error.message) || "";  // e.g. a deadline; a plain cancel says only "cancelled"
+    showError(why && why.toLowerCase() !== "cancelled" ? `Cancelled: ${why}` : "Cancelled.");
   } else if (job.state === "JOB_STATE_FAILED") {
     showError(`${job.error.code}: ${job.error.message}`);
   }
