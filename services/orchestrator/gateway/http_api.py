@@ -8,11 +8,13 @@ import hmac
 import json
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from starlette.datastructures import UploadFile  # what request.form() returns
 
@@ -28,6 +30,7 @@ log = logging.getLogger("bagel.gateway")
 MAX_WAIT_S = 600.0
 # A 32 MiB image is ~43 MiB as base64 JSON; everything else in a request is small.
 MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024
+PLAYGROUND_DIR = Path(__file__).with_name("playground")  # the web playground's static files (package data)
 _SHORT_WORKFLOWS = {"understand": "WORKFLOW_UNDERSTAND", "generate": "WORKFLOW_GENERATE", "edit": "WORKFLOW_EDIT"}
 
 
@@ -151,6 +154,14 @@ def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
             why = f"redis: {e}"
         return JSONResponse({"status": "ok" if why is None else "unavailable", "reason": why or ""},
                             status_code=200 if why is None else 503)
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground():
+        # Relative, so the page's relative links (and its API calls, `../v1/`) work behind a path prefix.
+        return RedirectResponse("playground/", status_code=308)
+
+    # The playground is public, like /docs: it holds no data, and its API calls carry the user's token.
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR, html=True), name="playground")
 
     from services.orchestrator.gateway.openai_api import openai_router
 
