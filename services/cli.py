@@ -1,4 +1,5 @@
-"""`bagel-serve`: checkpoint tools, the in-process workflows, and the demo (the project's main job).
+"""`bagel-serve`: checkpoint tools, the in-process workflows, the demo (the project's main job), the servers,
+and `submit` / `jobs`: the job API of a running gateway through `bagel_serve.client`.
 
 Model code and torch are imported by the commands that need them, not here: `bagel-serve gateway` and
 `bagel-serve worker` start as slim processes."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -217,6 +219,216 @@ def cmd_stack(args) -> int:
             return 0
 
 
+# ---- against a running gateway (bagel_serve.client) ------------------------------------------------------
+REMOTE_EXIT_CODES = "exit codes: 0 done, 2 bad input (refused request, unknown job, missing file), 130 cancelled, 1 other failure"
+
+
+def _remote_client(args):
+    from bagel_serve.client import Client
+
+    return Client(args.url, token=args.token or None, timeout=args.timeout)
+
+
+def _job_dict(job) -> dict:
+    """The Job as the HTTP API writes it, less an inline PNG (the image goes to --out)."""
+    from google.protobuf import json_format
+
+    msg = type(job.proto)()
+    msg.CopyFrom(job.proto)
+    msg.result.ClearField("image_png")
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+class _Report:
+    """How a remote command shows a job: a tqdm bar (denoising) and the text as it is written on a terminal,
+    JSON lines otherwise (one per event, then the final job)."""
+
+    def __init__(self):
+        self.tty = sys.stdout.isatty()
+        self.bar = None
+        self.text_len = 0
+        self.stage = ""
+
+    def event(self, p) -> None:
+        if not self.tty:
+            print(json.dumps({"event": "progress", "id": p.job_id, "state": p.state.value, "stage": p.stage,
+                              "step": p.step, "total": p.total, "text": p.text}, ensure_ascii=False), flush=True)
+            return
+        if p.stage != self.stage:
+            self._close_bar()
+            self.stage, self.text_len = p.stage, 0
+            if p.stage in ("think", "answer"):
+                print(f"[{p.stage}] ", end="", file=sys.stderr, flush=True)
+        if p.stage == "denoise" and p.total:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=p.total, desc="denoise", unit="step", leave=False)
+            self.bar.update(p.step - self.bar.n)
+        elif p.stage in ("think", "answer") and len(p.text) > self.text_len:
+            print(p.text[self.text_len:], end="", file=sys.stderr, flush=True)  # only what is new
+            self.text_len = len(p.text)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.stage in ("think", "answer"):
+            print(file=sys.stderr)
+
+    def final(self, job, out: str | None = None) -> None:
+        self._close_bar()
+        self.stage = ""
+        d = _job_dict(job)
+        if not self.tty:
+            print(json.dumps({"event": "job", "job": d, **({"out": out} if out else {})}, ensure_ascii=False),
+                  flush=True)
+            return
+        r = d.get("result", {})
+        if job.state.value == "SUCCEEDED" and job.workflow == "understand":
+            print(r.get("text", ""))
+        elif job.state.value == "SUCCEEDED" and out:
+            print(f"{job.id}: wrote {out} ({r.get('width')}x{r.get('height')}, seed {r.get('seed')})")
+        else:
+            print(json.dumps(d, indent=2, ensure_ascii=False))
+
+
+def _exit_code(job) -> int:
+    """A finished job's exit code, its error on stderr."""
+    if job.state.value == "SUCCEEDED":
+        return 0
+    print(f"{job.state.value.lower()}: {job.error_code}: {job.error_message}", file=sys.stderr)
+    if job.state.value == "CANCELLED":
+        return 130
+    return 2 if job.error_code == "INVALID_ARGUMENT" else 1
+
+
+def _follow(client, job, args, report: _Report, owned: bool) -> int:
+    """Watch (or just wait for) a job to its end, write --out, report. Ctrl-C cancels a job this command
+    submitted (it is the owner), and leaves a watched one running."""
+    try:
+        if args.watch:
+            for p in client.watch(job.id):
+                report.event(p)
+        final = client.wait(job.id)
+    except KeyboardInterrupt:
+        if owned:
+            client.cancel(job.id)
+        raise
+    out = None
+    if final.state.value == "SUCCEEDED" and args.out and final.workflow != "understand":
+        client.result(job.id).image.save(args.out)
+        out = args.out
+    report.final(final, out)
+    return _exit_code(final)
+
+
+def cmd_submit(args) -> int:
+    from bagel_serve.client.types import Workflow, build_request
+
+    options = {k: v for k, v in {
+        "think": args.think, "session": args.session, "session_ttl_s": args.session_ttl,
+        "idempotency_key": args.idempotency_key, "deadline_s": args.deadline, "seed": args.seed,
+    }.items() if v is not None}
+    if args.workflow == "understand":
+        options.update({k: v for k, v in {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
+                                           "temperature": args.temperature, "top_p": args.top_p}.items()
+                        if v is not None})
+    else:
+        options.update({k: v for k, v in {
+            "steps": args.steps, "cfg_text_scale": args.cfg_text_scale, "cfg_img_scale": args.cfg_img_scale,
+            "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
+            "cfg_renorm_type": args.cfg_renorm_type, "cfg_renorm_min": args.cfg_renorm_min,
+            "timestep_shift": args.timestep_shift}.items() if v is not None})
+        if args.workflow == "generate" and args.size:
+            options["width"], options["height"] = args.size
+    if args.workflow == "edit" and not args.image:
+        raise InputError("edit needs --image")
+    request = build_request(Workflow(args.workflow), args.prompt, image=args.image, **options)
+    report = _Report()
+    with _remote_client(args) as client:
+        job = client.submit(request)
+        if not (args.watch or args.wait or args.out):
+            report.final(job)  # accepted: the job id to follow later with `jobs watch`
+            return 0
+        return _follow(client, job, args, report, owned=True)
+
+
+def cmd_jobs(args) -> int:
+    report = _Report()
+    with _remote_client(args) as client:
+        if args.action == "get":
+            report.final(client.get(args.id))
+            return 0
+        if args.action == "cancel":
+            report.final(client.cancel(args.id))
+            return 0
+        args.watch = True
+        return _follow(client, client.get(args.id), args, report, owned=False)
+
+
+def add_remote_commands(sub) -> None:
+    def connection(sp):
+        sp.add_argument("--url", default=os.environ.get("BAGEL_URL") or "http://127.0.0.1:8080",
+                        help="the gateway: http(s)://host:port, or grpc(s)://host:port for gRPC "
+                             "(default: $BAGEL_URL, else http://127.0.0.1:8080)")
+        sp.add_argument("--token", default=os.environ.get("BAGEL_TOKEN"), help="bearer token (default: $BAGEL_TOKEN)")
+        sp.add_argument("--timeout", type=float, default=60.0, help="seconds for each call to the gateway")
+
+    def following(sp):
+        sp.add_argument("--watch", action="store_true", help="show progress until the job ends")
+        sp.add_argument("--out", help="write the output image here (waits for the job)")
+
+    how = ("On a terminal: progress bars and the text as it is written; otherwise JSON lines (one per event, "
+           "then the final job). " + REMOTE_EXIT_CODES + ".")
+    sm = sub.add_parser("submit", help="submit a job to a running gateway", description=how
+                        ).add_subparsers(dest="workflow", required=True)
+    for name, text in (("understand", "answer a question about an image"), ("generate", "text to image"),
+                       ("edit", "edit an image following a prompt")):
+        sp = sm.add_parser(name, help=text, description=f"{text}, on a running gateway. {how} Without --watch, "
+                                                        "--wait or --out it prints the accepted job and returns.")
+        connection(sp)
+        following(sp)
+        sp.add_argument("--wait", action="store_true", help="wait for the end without showing progress")
+        sp.add_argument("--image", required=name == "edit",
+                        help="input image file" + (" (leave out for a follow-up in --session)"
+                                                   if name == "understand" else ""))
+        sp.add_argument("--prompt", required=True)
+        sp.add_argument("--think", action="store_true", help="think before answering / generating")
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--session", help="continue this conversation (created on first use)")
+        sp.add_argument("--session-ttl", type=int, help="seconds an idle session is kept")
+        sp.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
+        sp.add_argument("--deadline", type=float, help="fail the job (DEADLINE_EXCEEDED) if not done in S seconds")
+        if name == "understand":
+            sp.add_argument("--max-new-tokens", type=int)
+            sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+            sp.add_argument("--temperature", type=float)
+            sp.add_argument("--top-p", type=float)
+        else:
+            if name == "generate":
+                sp.add_argument("--size", type=_size, help="WxH, multiples of 16, at most 1024 (default 1024x1024)")
+            sp.add_argument("--steps", type=int, help="number of timesteps (N timesteps = N-1 model steps)")
+            sp.add_argument("--cfg-text-scale", type=float)
+            sp.add_argument("--cfg-img-scale", type=float)
+            sp.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
+            sp.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"])
+            sp.add_argument("--cfg-renorm-min", type=float)
+            sp.add_argument("--timestep-shift", type=float)
+        sp.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="look at, follow or cancel a job on a running gateway", description=how
+                        ).add_subparsers(dest="action", required=True)
+    for name, text in (("get", "print the job"), ("watch", "follow the job to its end"),
+                       ("cancel", "ask the job to stop")):
+        sp = jb.add_parser(name, help=text, description=f"{text}. {how}")
+        connection(sp)
+        sp.add_argument("id", help="the job id")
+        if name == "watch":
+            sp.add_argument("--out", help="write the output image here once the job has succeeded")
+        sp.set_defaults(func=cmd_jobs, watch=False, out=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bagel-serve", description="Serve BAGEL-style unified multimodal models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -307,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu")
     st.add_argument("--worker-concurrency", type=int, default=2)
     st.set_defaults(func=cmd_stack)
+
+    add_remote_commands(sub)
     return p
 
 
@@ -314,14 +528,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The client's errors (from `submit` / `jobs`): a refused request or an unknown job is bad input.
+    from bagel_serve.client import BagelError, Cancelled as JobCancelled, InvalidArgument, NotFound as NoSuchJob
+
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except USER_ERRORS + (InvalidArgument, NoSuchJob) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Cancelled as e:
+    except (Cancelled, JobCancelled) as e:
         print(f"cancelled: {e}", file=sys.stderr)
         return 130
+    except BagelError as e:  # the gateway refused otherwise, or could not be reached
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
