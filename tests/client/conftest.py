@@ -3,11 +3,16 @@ live servers, shared by the client and CLI tests."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
+# The orchestrator tests' helper that starts a worker and a gateway on real ports.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "orchestrator"))
 from orchestra import Orchestrator, settings_for
 
-TOKEN = "client-test-token"
+from client_stack import TOKEN  # noqa: F401 - the gateway's token
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from bagel_serve.client import Client, JobState
-from conftest import TOKEN
+from client_stack import TOKEN
 from service_helpers import noise_image
 
 

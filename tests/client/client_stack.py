@@ -1,0 +1,3 @@
+"""What the client tests share besides fixtures."""
+
+TOKEN = "client-test-token"
