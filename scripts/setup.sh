@@ -9,7 +9,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.bagel-serve-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# Reinstalled when the dependencies or the build change, or a .proto does: the install generates the
+# bagel.v1 code (setup.py).
+want=$(cat pyproject.toml setup.py proto/bagel/v1/*.proto | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch first and alone, pinned, so nothing else can pull a CUDA build in.

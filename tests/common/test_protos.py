@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-from services.common import protos
+from services.common import proto_build, protos
 
 
 def test_generated_modules_define_the_v1_services():
@@ -33,22 +33,44 @@ def test_llm_params_cover_the_reference_parameters():
 
 def test_generation_is_stamped_and_redone_when_a_proto_changes(tmp_path):
     src = tmp_path / "proto"
-    shutil.copytree(protos.PROTO_ROOT, src)
+    shutil.copytree(proto_build.PROTO_ROOT, src)
     out = tmp_path / "gen"
-    assert protos.generate(src, out, package="pkg") is True
-    assert protos.generate(src, out, package="pkg") is False  # up to date: nothing done
+    assert proto_build.generate(src, out, package="pkg") is True
+    assert proto_build.generate(src, out, package="pkg") is False  # up to date: nothing done
     vit = (out / "bagel" / "v1" / "vit_pb2.py").read_text()
     assert "from pkg.bagel.v1 import common_pb2" in vit and "\nfrom bagel.v1" not in vit
 
     common = src / "bagel" / "v1" / "common.proto"
     common.write_text(common.read_text().replace("message ImageSize {", "message ImageSize {\n  uint32 depth = 9;"))
-    assert protos.generate(src, out, package="pkg") is True
+    assert proto_build.generate(src, out, package="pkg") is True
     assert "depth" in (out / "bagel" / "v1" / "common_pb2.pyi").read_text()
 
 
 def test_a_broken_proto_fails_generation_clearly(tmp_path):
     src = tmp_path / "proto"
-    shutil.copytree(protos.PROTO_ROOT, src)
+    shutil.copytree(proto_build.PROTO_ROOT, src)
     (src / "bagel" / "v1" / "vit.proto").write_text('syntax = "proto3";\npackage bagel.v1;\nmessage {')
-    with pytest.raises(protos.ProtoGenerationError, match="vit.proto"):
-        protos.generate(src, tmp_path / "gen", package="pkg")
+    with pytest.raises(proto_build.ProtoGenerationError, match="vit.proto"):
+        proto_build.generate(src, tmp_path / "gen", package="pkg")
+
+
+def test_generated_code_is_in_the_projects_namespace_and_current():
+    assert protos.common_pb2.__name__ == "bagel_serve.proto.bagel.v1.common_pb2"
+    assert proto_build.current()  # the install generated it from these very sources
+
+
+def test_a_checkout_with_changed_protos_refuses_stale_code(tmp_path):
+    """Importing never regenerates: a .proto edited since the install is an error saying to reinstall."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "proto"
+    shutil.copytree(proto_build.PROTO_ROOT, src)
+    common = src / "bagel" / "v1" / "common.proto"
+    common.write_text(common.read_text() + "\nmessage Extra { uint32 x = 1; }\n")
+    assert not proto_build.current(src)
+    code = (f"import pathlib, services.common.proto_build as pb; pb.PROTO_ROOT = pathlib.Path({str(src)!r})\n"
+            "import services.common.protos")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "reinstall" in out.stderr and "older than the .proto files" in out.stderr
+    assert not (tmp_path / "gen").exists()
