@@ -408,13 +408,7 @@ def add_remote_commands(sub) -> None:
         else:
             if name == "generate":
                 sp.add_argument("--size", type=_size, help="WxH, multiples of 16, at most 1024 (default 1024x1024)")
-            sp.add_argument("--steps", type=int, help="number of timesteps (N timesteps = N-1 model steps)")
-            sp.add_argument("--cfg-text-scale", type=float)
-            sp.add_argument("--cfg-img-scale", type=float)
-            sp.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
-            sp.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"])
-            sp.add_argument("--cfg-renorm-min", type=float)
-            sp.add_argument("--timestep-shift", type=float)
+            _denoise_options(sp)
         sp.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("jobs", help="look at, follow or cancel a job on a running gateway", description=how
@@ -427,6 +421,17 @@ def add_remote_commands(sub) -> None:
         if name == "watch":
             sp.add_argument("--out", help="write the output image here once the job has succeeded")
         sp.set_defaults(func=cmd_jobs, watch=False, out=None)
+
+
+def _denoise_options(sp: argparse.ArgumentParser) -> None:
+    """The image options `run` (in-process) and `submit` (a running gateway) share."""
+    sp.add_argument("--steps", type=int, help="number of timesteps (N timesteps = N-1 model steps)")
+    sp.add_argument("--cfg-text-scale", type=float)
+    sp.add_argument("--cfg-img-scale", type=float)
+    sp.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
+    sp.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"])
+    sp.add_argument("--cfg-renorm-min", type=float)
+    sp.add_argument("--timestep-shift", type=float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,13 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def image_opts(sp):
         sp.add_argument("--out", required=True, help="output PNG path")
-        sp.add_argument("--steps", type=int, help="number of timesteps (N timesteps = N-1 model steps)")
-        sp.add_argument("--cfg-text-scale", type=float)
-        sp.add_argument("--cfg-img-scale", type=float)
-        sp.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
-        sp.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"])
-        sp.add_argument("--cfg-renorm-min", type=float)
-        sp.add_argument("--timestep-shift", type=float)
+        _denoise_options(sp)
 
     run = sub.add_parser("run", help="run one workflow in-process").add_subparsers(dest="workflow", required=True)
     u = run.add_parser("understand", help="answer a question about an image")
