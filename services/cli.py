@@ -18,9 +18,11 @@ from services.common.config import PRESETS
 from services.common.contracts import (ANSWER_TOKENS, THINK_TOKENS, Cancelled, Controls, ImageParams, InputError,
                                        Progress, TextParams)
 from services.common.images import load_image
+from services.common.secrets import WeakSecret
 
-# Bad images and checkpoints are InputErrors too (ImageError, CheckpointError).
-USER_ERRORS = (InputError, FileNotFoundError)
+# Bad images and checkpoints are InputErrors too (ImageError, CheckpointError); WeakSecret: a placeholder
+# or too short token or S3 secret at a process's start.
+USER_ERRORS = (InputError, FileNotFoundError, WeakSecret)
 # The attention registry's names (services/attention/registry.py imports torch; a test keeps the two equal),
 # so that building the parser loads no model code.
 ATTENTION_BACKENDS = ("sdpa", "triton")
@@ -185,10 +187,18 @@ def cmd_worker(args) -> int:
     from services.common.rpc.logs import configure_logging
 
     configure_logging(args.log_level)
-    from services.orchestrator.celery_app import app
-    from services.orchestrator.settings import CONTROL_QUEUE, QUEUE
+    from services.common.secrets import check_startup
+    from services.common.storage import StorageConfig
+    from services.orchestrator.settings import CONTROL_QUEUE, QUEUE, OrchestratorSettings
 
-    app.bagel_runtime.metrics.serve(args.metrics_port)
+    # Before the Celery app connects to anything. The worker only presents the token (to the model
+    # servers), so the length rule is theirs; a placeholder is refused here all the same.
+    storage = StorageConfig.from_env()
+    check_startup("the worker", token=OrchestratorSettings.from_env().auth_token, token_name="BAGEL_AUTH_TOKEN",
+                  s3_secret=storage.secret_key if storage else None)
+    from services.orchestrator.celery_app import app
+
+    app.bagel_runtime.metrics.serve(args.metrics_port, args.host)
 
     # Threads: a job mostly waits on gRPC calls to the model servers, so a process runs several.
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", f"{QUEUE},{CONTROL_QUEUE}",
@@ -503,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int, default=4, help="jobs run at once (threads)")
     w.add_argument("--hostname", default="celery@%h", help="the worker's node name")
     w.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables")
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address the metrics port binds (default: 127.0.0.1; 0.0.0.0 in a container)")
     w.add_argument("--log-level", default="INFO")
     w.set_defaults(func=cmd_worker)
 

@@ -1,6 +1,6 @@
 """Run one model server: `serve("vit", port=50051)`, or from the command line
 
-    bagel-serve serve vit|vae|llm --port P [--checkpoint DIR] [--metrics-port M] [--tls-cert C --tls-key K]
+    bagel-serve serve vit|vae|llm [--host H] --port P [--checkpoint DIR] [--metrics-port M] [--tls-cert C --tls-key K]
                                   [--auth-token T] [--max-concurrency N] [--max-message-mb MB]
     python -m services.serve vit --port 0          # the same, without the package's CLI
 
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.logs import configure_logging
+from services.common.secrets import check_startup
 from services.common.storage import ObjectStore, StorageConfig, StorageError
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def open_store(env=None) -> ObjectStore | None:
     return store
 
 
-def serve(service: str, port: int = 50051, checkpoint: str | Path | None = None, *, host: str = "0.0.0.0",
+def serve(service: str, port: int = 50051, checkpoint: str | Path | None = None, *, host: str = "127.0.0.1",
           metrics_port: int = 0, tls_cert: str | None = None, tls_key: str | None = None,
           auth_token: str | None = None, max_concurrency: int = 16, max_message_mb: float = 64.0,
           max_images: int = 16, grace_seconds: float = 20.0, drain_seconds: float = 5.0,
@@ -156,7 +157,9 @@ def install_signal_handlers(server: ModelServer) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` subcommand's arguments; pass the parsed namespace to serve_from_args()."""
     parser.add_argument("service", choices=sorted(SERVERS), help="which model server to run")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all "
+                             "interfaces, as in a container)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (logged)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint directory (default: the embedded tiny checkpoint)")
@@ -182,10 +185,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def serve_from_args(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    token = args.auth_token
-    if args.auth_token_file:
-        token = Path(args.auth_token_file).read_text().strip()
     try:
+        token = args.auth_token
+        if args.auth_token_file:
+            token = Path(args.auth_token_file).read_text().strip()
+            if not token:  # an empty file must not quietly turn authentication off
+                raise ServeError(f"the auth token file {args.auth_token_file} is empty")
+        # Before anything is loaded or connected to: a placeholder secret never serves.
+        check_startup(f"the {args.service} server", token=token, token_name="the auth token", host=args.host,
+                      s3_secret=os.environ.get("BAGEL_S3_SECRET_KEY"))
         serve(args.service, args.port, args.checkpoint, host=args.host, metrics_port=args.metrics_port,
               tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token or None,
               max_concurrency=args.max_concurrency, max_message_mb=args.max_message_mb, max_images=args.max_images,

@@ -40,7 +40,7 @@ class WorkerMetrics:
                                        registry=r)
         self._http = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int | None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> int | None:
         self._http, bound = serve_registry(self.registry, port, host)
         return bound
 

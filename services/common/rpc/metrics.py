@@ -25,7 +25,7 @@ class Metrics:
                            registry=r)
         self._http = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int | None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> int | None:
         """Start the /metrics HTTP server; port 0 disables it. Returns the bound port."""
         self._http, bound = serve_registry(self.registry, port, host)
         return bound
@@ -37,7 +37,7 @@ class Metrics:
             self._http = None
 
 
-def serve_registry(registry: CollectorRegistry, port: int, host: str = "0.0.0.0"):
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "127.0.0.1"):
     """/metrics for one registry on its own HTTP port (0: none). Returns (server or None, bound port)."""
     if not port:
         return None, None

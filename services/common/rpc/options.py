@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class ServerOptions:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"           # loopback unless told otherwise; 0.0.0.0 in containers
     port: int = 50051                 # 0 = any free port (the bound one is returned by start())
     # Largest request or response message. Images ride in messages: 64 MiB holds a couple of
     # full-size photos plus a 980 px image's fp32 ViT features of the published model (~22 MiB).
@@ -20,7 +20,7 @@ class ServerOptions:
     tls_key: str | None = None
     auth_token: str | None = None     # clients send `authorization: Bearer <token>`; None = no check
     metrics_port: int = 0             # Prometheus /metrics on its own HTTP port; 0 = disabled
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = None   # None: the same as `host`
     # Shutdown: health goes NOT_SERVING, requests keep flowing for drain_seconds while load balancers
     # take the pod out, then the server stops accepting and gives in-flight RPCs grace_seconds.
     # 5 + 20 s stays under Kubernetes' default 30 s terminationGracePeriodSeconds.

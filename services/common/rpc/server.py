@@ -100,7 +100,8 @@ class ModelServer:
             raise OSError(f"cannot listen on {address}")
         self.grpc.start()
         try:
-            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.metrics_host)
+            metrics_host = self.options.metrics_host or self.options.host
+            self.metrics_port = self.metrics.serve(self.options.metrics_port, metrics_host)
         except OSError as e:
             self.grpc.stop(0)
             raise OSError(f"cannot serve metrics on port {self.options.metrics_port}: {e}") from None

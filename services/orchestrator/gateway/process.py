@@ -17,6 +17,7 @@ from services.common.protos import jobs_pb2, jobs_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.logs import configure_logging
 from services.common.rpc.metrics import Metrics
+from services.common.secrets import check_startup
 from services.common.storage import ObjectStore, StorageConfig, StorageError
 from services.orchestrator.gateway.grpc_api import JobServicer
 from services.orchestrator.gateway.http_api import build_http_app
@@ -31,7 +32,7 @@ log = logging.getLogger("bagel.gateway")
 class GatewayProcess:
     """Both fronts on one Gateway: gRPC on the scaffold (health, reflection, auth, metrics), HTTP on uvicorn."""
 
-    def __init__(self, gateway: Gateway, *, host: str = "0.0.0.0", http_port: int = 8080, grpc_port: int = 50050,
+    def __init__(self, gateway: Gateway, *, host: str = "127.0.0.1", http_port: int = 8080, grpc_port: int = 50050,
                  metrics_port: int = 0, auth_token: str | None = None, max_concurrency: int = 256):
         self.gateway = gateway
         options = ServerOptions(host=host, port=grpc_port, metrics_port=metrics_port, auth_token=auth_token,
@@ -95,7 +96,9 @@ def build_gateway(settings: OrchestratorSettings, storage: StorageConfig | None 
 
 
 def add_gateway_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind, HTTP, gRPC and metrics (default: 127.0.0.1, this machine only; "
+                        "0.0.0.0 for all interfaces, as in a container)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP/JSON job API; 0 picks a free port (logged)")
     p.add_argument("--grpc-port", type=int, default=50050, help="gRPC JobService; 0 picks a free port (logged)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables")
@@ -108,9 +111,13 @@ def gateway_from_args(args: argparse.Namespace) -> int:
     import signal
 
     configure_logging(args.log_level)
-    settings = OrchestratorSettings.from_env()
     try:
-        gateway = build_gateway(settings)
+        settings = OrchestratorSettings.from_env()
+        storage = StorageConfig.from_env()
+        # Before connecting to Redis or S3: a placeholder secret never serves.
+        check_startup("the gateway", token=settings.auth_token, token_name="BAGEL_AUTH_TOKEN", host=args.host,
+                      s3_secret=storage.secret_key if storage else None)
+        gateway = build_gateway(settings, storage)
         gateway.store.ensure_bucket()
         proc = GatewayProcess(gateway, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, auth_token=settings.auth_token)
