@@ -244,6 +244,24 @@ def test_commands_parse_with_the_cli(docs, name):
         assert parsed.metrics_port == ports(container)["metrics"]
 
 
+@pytest.mark.parametrize("name", BAGEL_PROCESSES)
+def test_every_bagel_process_binds_all_interfaces_explicitly(docs, name):
+    # The CLI binds 127.0.0.1 unless told otherwise: a pod must say so, or its Service, probes and
+    # metrics scrapes could not reach it.
+    from services.cli import build_parser
+
+    container = main_container(docs, name)
+    assert flag(container, "--host") == "0.0.0.0", f"{name} does not pass --host 0.0.0.0: {argv(container)}"
+    assert build_parser().parse_args(argv(container)[1:]).host == "0.0.0.0"
+
+
+def test_the_cli_binds_loopback_by_default():
+    from services.cli import build_parser
+
+    for args in (["serve", "vit"], ["gateway"], ["worker"]):
+        assert build_parser().parse_args(args).host == "127.0.0.1", args
+
+
 def test_exec_probes_do_not_rely_on_kubernetes_variable_expansion(docs):
     # Kubernetes expands $(VAR) in command/args only; inside a probe's `sh -c` it is command substitution.
     for w, c in all_containers(docs):
@@ -288,6 +306,12 @@ def test_the_secret_is_a_template(render):
     secret = get(rendered(render), "Secret", "bagel-secrets")
     values = {**secret.get("stringData", {}), **secret.get("data", {})}
     assert values and all(v.startswith("REPLACE-ME") for v in values.values()), "real values in the template?"
+    # and every bagel-serve process refuses to start with one of them
+    from services.common.secrets import WeakSecret, check_secret
+
+    for key, value in values.items():
+        with pytest.raises(WeakSecret):
+            check_secret(value, key)
 
 
 def test_processes_get_their_environment(docs):
