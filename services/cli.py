@@ -216,9 +216,11 @@ def cmd_stack(args) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bagel-stack-"))
     with LocalStack(workdir, checkpoint=args.checkpoint, device=args.device,
-                    worker_concurrency=args.worker_concurrency) as stack:
-        print(json.dumps({"http": stack.http_url, "grpc": stack.grpc_address, "redis": stack.redis.url,
-                          "s3": stack.s3.endpoint, "logs": str(workdir / "logs")}, indent=2), flush=True)
+                    worker_concurrency=args.worker_concurrency, auth_token=args.auth_token) as stack:
+        # The token is printed so that the person who started the stack can call it (BAGEL_TOKEN=...).
+        print(json.dumps({"http": stack.http_url, "grpc": stack.grpc_address, "token": stack.auth_token,
+                          "redis": stack.redis.url, "s3": stack.s3.endpoint, "logs": str(workdir / "logs")},
+                         indent=2), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             while all(p.poll() is None for p in stack.processes.values()):
@@ -529,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--checkpoint", help="default: the embedded tiny model")
     st.add_argument("--device", default="cpu")
     st.add_argument("--worker-concurrency", type=int, default=2)
+    st.add_argument("--auth-token", default=os.environ.get("BAGEL_AUTH_TOKEN"),
+                    help="the gateway's and model servers' bearer token (default: $BAGEL_AUTH_TOKEN, else a "
+                         "random one, printed)")
     st.set_defaults(func=cmd_stack)
 
     add_remote_commands(sub)

@@ -40,10 +40,20 @@ def run_demo(out_dir: Path, workdir: Path, checkpoint: str | None = None, device
     image_b64 = base64.b64encode(_png(image)).decode()
     report: dict = {}
     with LocalStack(workdir, checkpoint=checkpoint, device=device) as stack, \
-            httpx.Client(base_url=stack.http_url, timeout=660) as http, \
+            httpx.Client(base_url=stack.http_url, timeout=660,
+                         headers={"authorization": f"Bearer {stack.auth_token}"}) as http, \
             grpc.insecure_channel(stack.grpc_address) as channel:
         report["stack"] = {"http": stack.http_url, "grpc": stack.grpc_address, "redis": stack.redis.url,
                            "s3": f"{stack.s3.kind} at {stack.s3.endpoint}"}
+        # The stack's token is required: a call without it is refused, on both fronts.
+        anonymous = httpx.get(stack.http_url + "/v1/jobs/none", timeout=30).status_code
+        try:
+            jobs_pb2_grpc.JobServiceStub(channel).Get(jobs_pb2.GetJobRequest(id="none"), timeout=30)
+            anonymous_grpc = "OK"
+        except grpc.RpcError as e:
+            anonymous_grpc = e.code().name
+        report["auth"] = {"http_without_token": anonymous, "grpc_without_token": anonymous_grpc}
+        auth = [("authorization", f"Bearer {stack.auth_token}")]
 
         t = time.perf_counter()
         job = _ok(http.post("/v1/jobs", params={"wait": 600}, json={
@@ -66,7 +76,7 @@ def run_demo(out_dir: Path, workdir: Path, checkpoint: str | None = None, device
         steps, final = 0, None
         for final in stub.Run(jobs_pb2.SubmitJobRequest(
                 workflow=jobs_pb2.WORKFLOW_EDIT, image=_png(image), prompt="make the square green",
-                image_params={"num_timesteps": 8, "seed": 7}, inline_image=True), timeout=600):
+                image_params={"num_timesteps": 8, "seed": 7}, inline_image=True), timeout=600, metadata=auth):
             steps += final.progress.stage == "denoise"
         if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             raise RuntimeError(f"edit job {final.id} ended {jobs_pb2.JobState.Name(final.state)}: {final.error}")

@@ -4,12 +4,16 @@ processes and wiring as the Kubernetes deployment (deploy/k8s/), for the demo an
 
     with LocalStack(workdir) as stack:        # or: bagel-serve stack
         stack.http_url, stack.grpc_address    # the gateway's job API
+        stack.auth_token                      # its bearer token (generated unless given)
+
+Authentication is always on: the gateway and the model servers share one token, random unless given.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -39,7 +43,9 @@ class LocalStack:
                  start_timeout: float = 180.0):
         self.workdir = Path(workdir)
         self.checkpoint, self.device, self.bucket = checkpoint, device, bucket
-        self.worker_concurrency, self.auth_token, self.start_timeout = worker_concurrency, auth_token, start_timeout
+        self.worker_concurrency, self.start_timeout = worker_concurrency, start_timeout
+        # Even on loopback: any local user or browser page could otherwise call the API.
+        self.auth_token = auth_token or secrets.token_urlsafe(32)
         self.redis: LocalRedis | None = None
         self.s3: LocalS3 | None = None
         self.processes: dict[str, subprocess.Popen] = {}

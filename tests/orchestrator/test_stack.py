@@ -24,6 +24,8 @@ def test_demo_runs_every_workflow_through_the_stack(tiny_ckpt_dir, tmp_path):
     assert Image.open(tmp_path / "out" / "edit.png").size == (688, 512)
     assert report["edit"]["progress_updates"] >= 1
     assert report["cancelled_job"]["state"] == "JOB_STATE_CANCELLED"
+    # The stack made its own token and requires it (the demo's calls above carried it).
+    assert report["auth"] == {"http_without_token": 401, "grpc_without_token": "UNAUTHENTICATED"}
     # Everything was stopped: nothing listens on the gateway's port (SO_REUSEADDR: closed connections
     # may linger in TIME_WAIT, a listener may not).
     port = int(report["stack"]["http"].rsplit(":", 1)[1])
