@@ -99,3 +99,64 @@ def test_cli_arguments_and_dtype_defaults():
     assert resolve_dtype("vit", "auto", "cpu") == torch.float32
     assert resolve_dtype("vit", "auto", "cuda") == torch.bfloat16
     assert resolve_dtype("vae", "auto", "cuda") == torch.float32
+
+
+@pytest.mark.parametrize("command", [["serve", "vit"], ["gateway"], ["worker"]])
+@pytest.mark.parametrize("env, says", [
+    ({"BAGEL_AUTH_TOKEN": "REPLACE-ME-model-token"}, "BAGEL_AUTH_TOKEN is a placeholder"),
+    ({"BAGEL_S3_SECRET_KEY": "change-me-please-now"}, "BAGEL_S3_SECRET_KEY is a placeholder"),
+])
+def test_placeholder_secrets_refused_at_start(command, env, says):
+    # Redis and S3 point at a closed port: the refusal must come before connecting to either.
+    env = {**os.environ, "BAGEL_S3_ENDPOINT": "127.0.0.1:9", "BAGEL_S3_SECRET_KEY": "a-real-secret-key",
+           "BAGEL_REDIS_URL": "redis://127.0.0.1:9/0", "BAGEL_AUTH_TOKEN": "", **env}
+    if command[0] == "serve" and "BAGEL_AUTH_TOKEN" in env and env["BAGEL_AUTH_TOKEN"]:
+        says = "the auth token is a placeholder"
+    out = subprocess.run([sys.executable, "-m", "services.cli", *command], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert says in out.stderr
+
+
+def test_short_token_refused_only_off_loopback(tmp_path):
+    from services.common.secrets import WeakSecret, check_token, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("bagel.example")
+    check_token("short", "token", "127.0.0.1")  # local tries may use a short one
+    with pytest.raises(WeakSecret, match="at least 16"):
+        check_token("short", "token", "0.0.0.0")
+    check_token("x" * 16, "token", "0.0.0.0")
+    with pytest.raises(WeakSecret, match="placeholder"):
+        check_token("ChangeMe-and-it-is-long-enough", "token", "127.0.0.1")
+    # A short token off loopback, through the command line (--auth-token-file), before loading anything:
+    # the checkpoint does not exist, and the refusal comes first.
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_")}
+    out = subprocess.run([sys.executable, "-m", "services.cli", "serve", "vae", "--host", "0.0.0.0", "--port", "0",
+                          "--auth-token-file", str(token), "--checkpoint", str(tmp_path / "none")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "at least 16" in out.stderr, out.stderr[-2000:]
+    token.write_text("")  # an empty token file must not turn authentication off
+    out = subprocess.run([sys.executable, "-m", "services.cli", "serve", "vae", "--port", "0",
+                          "--auth-token-file", str(token), "--checkpoint", str(tmp_path / "none")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "is empty" in out.stderr, out.stderr[-2000:]
+
+
+def test_no_token_off_loopback_warns(caplog):
+    from services.common.secrets import check_startup
+
+    with caplog.at_level("WARNING", logger="bagel.secrets"):
+        check_startup("the vit server", token=None, token_name="the auth token", s3_secret=None, host="127.0.0.1")
+        assert not caplog.records
+        check_startup("the vit server", token=None, token_name="the auth token", s3_secret=None, host="0.0.0.0")
+    assert "WITHOUT authentication" in caplog.text
+
+
+def test_serve_binds_loopback_by_default():
+    from services.common.rpc import ServerOptions
+
+    assert add_serve_arguments(argparse.ArgumentParser()).parse_args(["vit"]).host == "127.0.0.1"
+    assert ServerOptions().host == "127.0.0.1" and ServerOptions().metrics_host is None
