@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -37,6 +39,21 @@ class ImageError(InputError):
 def load_image(data: bytes | str | Path, max_bytes: int = MAX_IMAGE_BYTES,
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode encoded image bytes, or a file path, into an RGB PIL image."""
+    with _image_errors():
+        img = _open(_read(data, max_bytes), max_pixels)
+        img.load()
+    return _to_rgb(img)
+
+
+def image_size(data: bytes | str | Path, max_bytes: int = MAX_IMAGE_BYTES,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, refused exactly as load_image would refuse the file's bytes,
+    format and size; no pixel is decoded (what the gateway needs to plan a job)."""
+    with _image_errors():
+        return _open(_read(data, max_bytes), max_pixels).size
+
+
+def _read(data: bytes | str | Path, max_bytes: int) -> bytes:
     if isinstance(data, (str, Path)):
         path = Path(data)
         try:
@@ -51,26 +68,34 @@ def load_image(data: bytes | str | Path, max_bytes: int = MAX_IMAGE_BYTES,
         raise ImageError("image data is empty")
     if len(data) > max_bytes:
         raise ImageError(f"image data is {len(data)} bytes; the limit is {max_bytes}")
+    return data
 
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image opened lazily (PIL reads only the header), its format and size checked."""
+    img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    return img
+
+
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """PIL's failures as ImageError."""
     try:
         with warnings.catch_warnings():
             # PIL warns (rather than fails) between its limit and twice it: treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            # The header gives the size: check it before decoding a single pixel.
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError(f"image has zero size ({w}x{h})")
-            if w * h > max_pixels:
-                raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-            img.load()
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image is too large to decode safely: {e}") from e
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, zlib.error, ...)
         raise ImageError(f"cannot decode image: {e}") from e
-    return _to_rgb(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -128,3 +153,12 @@ def vae_resize(img: Image.Image) -> Image.Image:
 
 def vit_resize(img: Image.Image) -> Image.Image:
     return resize_image(img, *VIT_RESIZE)
+
+
+def vae_size(width: int, height: int) -> tuple[int, int]:
+    """The size vae_resize gives an image of this size, without its pixels."""
+    return resize_size(width, height, *VAE_RESIZE)
+
+
+def vit_size(width: int, height: int) -> tuple[int, int]:
+    return resize_size(width, height, *VIT_RESIZE)

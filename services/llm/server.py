@@ -28,8 +28,9 @@ from services.common.config import BagelConfig
 from services.common.protos import common_pb2, llm_pb2, llm_pb2_grpc, service_name
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import cancel_event, check_active, time_remaining
-from services.common.contracts import (ANSWER_TOKENS, Cancelled, Controls, DeadlineExceeded, InputError, messages,
-                                       NotReady, Progress, SessionNotFound, THINK_TOKENS)
+from services.common.contracts import (ANSWER_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S, Cancelled, Controls,
+                                       DeadlineExceeded, InputError, messages, NotReady, Progress, SessionNotFound,
+                                       THINK_TOKENS)
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.settings import EnvSettings, setting
 from services.common.storage import ObjectStore, check_key, digest
@@ -44,8 +45,6 @@ log = logging.getLogger("bagel.llm")
 
 NAME = "llm"
 LLM_SERVICE = service_name(llm_pb2, "LLMService")
-MAX_SESSION_TTL_S = 24 * 3600
-MAX_SESSION_ID = 256
 EXPIRY_INTERVAL_S = 30.0   # how often idle sessions are swept (acquire() also sweeps)
 RUNTIME_STOP_S = 10.0      # after the gRPC grace period: time for the scheduler to drop what is left
 

@@ -14,18 +14,20 @@ from functools import lru_cache
 from PIL import Image
 
 from services.common.config import BagelConfig, preset
-from services.common.contracts import (ANSWER_TOKENS, THINK_TOKENS, ImageParams, InputError, SessionRef, TextParams,
-                                       messages)
-from services.common.images import load_image, vae_resize, vit_resize
+from services.common.contracts import (ANSWER_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S, THINK_TOKENS, ImageParams,
+                                       InputError, SessionRef, TextParams, messages)
+from services.common.images import image_size, load_image, vae_size, vit_size
 from services.common.protos import jobs_pb2, llm_pb2
+from services.common.storage import check_key
 from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
 
 # Every published preset shares these limits (1024 px sides, 16 px latent patches); the LLM server
 # checks the exact context size against its own model again.
 DEFAULT_CONFIG = preset("bagel-7b-mot")
 MAX_PROMPT_CHARS = 65536
-MAX_SESSION_ID = 256  # as the LLM service
 MAX_DEADLINE_S = 7 * 86400
+# Kept in Redis for a day beside the job (idem:{key}): bounded like a session id.
+MAX_IDEMPOTENCY_KEY = 256
 WORKFLOW_NAMES = {jobs_pb2.WORKFLOW_UNDERSTAND: "understand", jobs_pb2.WORKFLOW_GENERATE: "generate",
                   jobs_pb2.WORKFLOW_EDIT: "edit"}
 NEEDS_IMAGE = {jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_EDIT}
@@ -35,7 +37,7 @@ NEEDS_IMAGE = {jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_EDIT}
 class JobPlan:
     workflow: str                         # understand | generate | edit
     prompt: str
-    image: Image.Image | None = None      # decoded input (understand / edit)
+    image: Image.Image | None = None      # decoded input (understand / edit); None when not decoded
     image_params: ImageParams | None = None
     text_params: TextParams | None = None  # the answer's (understand) or the plan's (think)
     think: bool = False
@@ -60,10 +62,17 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
         check_session_id(req.session_id)
     if req.session_ttl_seconds and not req.session_id:
         raise InputError("session_ttl_seconds: set session_id too")
+    if req.session_ttl_seconds > MAX_SESSION_TTL_S:  # the LLM service would fail the job with it
+        raise InputError(f"session_ttl_seconds: at most {MAX_SESSION_TTL_S} (24 h), got {req.session_ttl_seconds}")
+    if req.idempotency_key and (len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY
+                                or not req.idempotency_key.isprintable()):
+        raise InputError(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY} printable characters")
     if req.workflow == jobs_pb2.WORKFLOW_GENERATE and has_image:
         raise InputError("generate takes no input image (use edit to change an image)")
     if req.image and req.image_key:
         raise InputError("set `image` or `image_key`, not both")
+    if req.image_key:
+        check_key(req.image_key)  # stored with the job: bounded before anything reads or keeps it
     if req.workflow == jobs_pb2.WORKFLOW_UNDERSTAND and req.HasField("image_params"):
         raise InputError("image_params: understand produces text; use text_params")
     if req.deadline_seconds > MAX_DEADLINE_S:
@@ -82,16 +91,17 @@ def _tokenizer() -> BagelTokenizer:
     return BagelTokenizer(packaged_tokenizer_dir())
 
 
-def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, cfg: BagelConfig) -> int:
-    """Refuse a prompt that cannot fit the model's context with its (VAE-resized) image, as the LLM would
-    (it checks again against its own KV cache and adds what decoding needs). Returns the tokens needed."""
+def check_context(req: jobs_pb2.SubmitJobRequest, vae_wh: tuple[int, int] | None, cfg: BagelConfig) -> int:
+    """Refuse a prompt that cannot fit the model's context with its image (`vae_wh`: its size after the VAE
+    resize), as the LLM would (it checks again against its own KV cache and adds what decoding needs).
+    Returns the tokens needed."""
     total = len(_tokenizer().encode(req.prompt)) + 2
-    if resized is not None:
-        w, h = vit_resize(resized).size
+    if vae_wh is not None:
+        w, h = vit_size(*vae_wh)  # the ViT sees the VAE-resized image, resized again
         total += (w // cfg.vit.patch_size) * (h // cfg.vit.patch_size) + 2
         if req.workflow == jobs_pb2.WORKFLOW_EDIT:
             side = cfg.latent_downsample
-            total += (resized.size[0] // side) * (resized.size[1] // side) + 2
+            total += (vae_wh[0] // side) * (vae_wh[1] // side) + 2
     limit = cfg.llm.max_position_embeddings
     if total > limit:
         raise InputError(f"prompt: the prompt and images need {total} context tokens; the model's limit is {limit}")
@@ -99,12 +109,14 @@ def check_context(req: jobs_pb2.SubmitJobRequest, resized: Image.Image | None, c
 
 
 def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
-             cfg: BagelConfig = DEFAULT_CONFIG) -> JobPlan:
-    """The workflow's arguments; raises InputError (or ImageError) naming the bad field."""
+             cfg: BagelConfig = DEFAULT_CONFIG, decode: bool = True) -> JobPlan:
+    """The workflow's arguments; raises InputError (or ImageError) naming the bad field. With
+    `decode=False` (the gateway) the image is checked and sized from its header only and `image` is None:
+    every rule needs only the size, and a 64-megapixel input would cost hundreds of MiB decoded."""
     check_request(req)
-    image = load_image(image_bytes) if image_bytes is not None else None
-    resized = vae_resize(image) if image is not None else None  # the size every later rule reads
-    tokens = check_context(req, resized, cfg)
+    vae_wh = vae_size(*image_size(image_bytes)) if image_bytes is not None else None
+    image = load_image(image_bytes) if image_bytes is not None and decode else None
+    tokens = check_context(req, vae_wh, cfg)
     name = WORKFLOW_NAMES[req.workflow]
     session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
     if name == "understand":
@@ -116,9 +128,9 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     if msg.preset == llm_pb2.IMAGE_PRESET_UNSPECIFIED:
         msg.preset = llm_pb2.IMAGE_PRESET_EDIT if name == "edit" else llm_pb2.IMAGE_PRESET_GENERATE
     if name == "edit":
-        if resized is None:
+        if vae_wh is None:
             raise InputError("edit needs an input image")
-        w, h = resized.size
+        w, h = vae_wh
         for field, size in (("width", w), ("height", h)):
             if msg.HasField(field) and getattr(msg, field) != size:
                 raise InputError(f"image_params.{field}: an edit's output has the input's size after the VAE "

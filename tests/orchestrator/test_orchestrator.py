@@ -208,6 +208,11 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
         ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "missing.png"),
         ({"workflow": "edit", "image_key": "../etc/passwd", "prompt": "x"}, 400, "key"),
         ({"workflow": "generate", "prompt": "x", "deadline_seconds": 10 ** 7}, 400, "deadline_seconds"),
+        # both image sources: the request is wrong whether or not the key exists (not 404)
+        ({"workflow": "edit", "image": ok_image, "image_key": "uploads/missing.png", "prompt": "x"}, 400, "not both"),
+        ({"workflow": "generate", "prompt": "x", "idempotency_key": "k" * 5000}, 400, "idempotency_key"),
+        ({"workflow": "understand", "prompt": "x", "session_id": "s", "session_ttl_seconds": 86401}, 400,
+         "session_ttl_seconds"),
     ]
     for body, status, message in cases:
         r = orch.http.post("/v1/jobs", json=body)
@@ -215,6 +220,16 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
         assert message in r.json()["message"], (body, r.text)
     assert orch.http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
                           ).status_code == 400
+    deep = orch.http.post("/v1/jobs", content=b"[" * 100_000 + b"]" * 100_000,
+                          headers={"content-type": "application/json; charset=utf-8"})
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["message"], deep.text
+    body = json.dumps({"workflow": "generate", "prompt": "x"}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = orch.http.post("/v1/jobs", content=body, headers={"content-type": content_type} if content_type else {})
+        assert r.status_code == 415 and r.json()["code"] == "INVALID_ARGUMENT", (content_type, r.text)
+    with_params = orch.http.post("/v1/jobs", content=json.dumps({"workflow": "generate"}).encode(),
+                                 headers={"content-type": "application/json; charset=utf-8"})
+    assert with_params.status_code == 400 and "prompt" in with_params.json()["message"]  # read as JSON
     assert orch.http.post("/v1/jobs", params={"wait": -1}, json={"workflow": "generate", "prompt": "x"}
                           ).status_code == 400
     monkeypatch.setattr(http_api, "MAX_BODY_BYTES", 1000)
@@ -226,6 +241,10 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
     err = expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.Submit,
                         jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_EDIT, image=b"\x89PNG broken", prompt="x"))
     assert "image" in err.details()
+    err = expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.Submit,
+                        jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_EDIT, image=png_bytes(noise_image(16, 16)),
+                                                  image_key="uploads/missing.png", prompt="x"))
+    assert "not both" in err.details()
     assert job_keys(orch) == before  # nothing was accepted
 
 

@@ -4,15 +4,19 @@ arguments the worker plans from a stored request. Pure functions, no servers."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 from PIL import Image
 
-from services.common.contracts import ImageParams, InputError, SessionRef, TextParams
+from services.common.contracts import MAX_SESSION_TTL_S, ImageParams, InputError, SessionRef, TextParams
+from services.common.images import MAX_IMAGE_PIXELS, ImageError, image_size
 from services.common.protos import jobs_pb2, llm_pb2
-from services.orchestrator.plan import (DEFAULT_CONFIG, MAX_DEADLINE_S, MAX_PROMPT_CHARS, check_context,
-                                        check_request, plan_job)
+from services.orchestrator.gateway.operations import Gateway
+from services.orchestrator.plan import (DEFAULT_CONFIG, MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY, MAX_PROMPT_CHARS,
+                                        check_context, check_request, plan_job)
 
 UNDERSTAND, GENERATE, EDIT = jobs_pb2.WORKFLOW_UNDERSTAND, jobs_pb2.WORKFLOW_GENERATE, jobs_pb2.WORKFLOW_EDIT
 
@@ -46,6 +50,12 @@ REFUSED = {
     "session id too long": (dict(session_id="s" * 257), "session_id"),
     "session id not printable": (dict(session_id="a\nb"), "session_id"),
     "ttl without session": (dict(session_ttl_seconds=60), "set session_id too"),
+    "ttl over the LLM's maximum": (dict(session_id="s1", session_ttl_seconds=MAX_SESSION_TTL_S + 1),
+                                   "session_ttl_seconds: at most 86400"),
+    "idempotency key too long": (dict(idempotency_key="k" * (MAX_IDEMPOTENCY_KEY + 1)), "idempotency_key"),
+    "idempotency key not printable": (dict(idempotency_key="a\x00b"), "idempotency_key"),
+    "image_key not a key": (dict(workflow=EDIT, image_key="../etc/passwd"), "object key"),
+    "image_key too long": (dict(workflow=EDIT, image_key="k" * 513), "object key"),
 }
 
 
@@ -62,7 +72,8 @@ def test_check_request_refuses(case):
     request(workflow=UNDERSTAND, image_key="inputs/a.png"),
     request(workflow=UNDERSTAND, session_id="chat-1", session_ttl_seconds=60),  # a follow-up question
     request(workflow=EDIT, image=png(), deadline_seconds=MAX_DEADLINE_S),
-    request(prompt="x" * MAX_PROMPT_CHARS, session_id="s" * 256),
+    request(prompt="x" * MAX_PROMPT_CHARS, session_id="s" * 256, session_ttl_seconds=MAX_SESSION_TTL_S,
+            idempotency_key="k" * MAX_IDEMPOTENCY_KEY),
 ], ids=["generate", "understand", "understand by key", "follow-up", "edit at max deadline", "at the limits"])
 def test_check_request_accepts(req):
     check_request(req)  # raises nothing
@@ -158,9 +169,8 @@ def test_check_context_refuses_a_prompt_longer_than_the_models_context():
     with pytest.raises(InputError, match="limit is 64"):
         check_context(request(prompt="hello " * 100), None, small)
     # the image's tokens count too: a short prompt with an edit input no longer fits
-    image = Image.open(io.BytesIO(png()))
     with pytest.raises(InputError, match="context tokens"):
-        check_context(request(workflow=EDIT, prompt="hello", image=png()), image, small)
+        check_context(request(workflow=EDIT, prompt="hello", image=png()), (688, 512), small)
 
 
 def test_plan_job_refuses_a_prompt_the_default_model_cannot_hold():
@@ -168,3 +178,80 @@ def test_plan_job_refuses_a_prompt_the_default_model_cannot_hold():
     prompt = "".join(chr(0x4E00 + i % 20000) for i in range(MAX_PROMPT_CHARS - 1))
     with pytest.raises(InputError, match="context tokens"):
         plan_job(request(prompt=prompt), None)
+
+
+# ---- the gateway plans from the image header ---------------------------------------------------------
+@pytest.mark.parametrize("size", [(128, 96), (3000, 700), (50, 2000), (1024, 1024)])
+@pytest.mark.parametrize("workflow", [UNDERSTAND, EDIT])
+def test_planning_from_the_header_equals_planning_from_the_pixels(size, workflow):
+    data = png(*size)
+    decoded = plan_job(request(workflow=workflow, image=data), data)
+    header = plan_job(request(workflow=workflow, image=data), data, decode=False)
+    assert decoded.image.size == size and header.image is None
+    assert header.context_tokens == decoded.context_tokens
+    assert header.image_params == decoded.image_params
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> bytes:
+    """8000x8000 (61 megapixels, under the 64 MP cap) in a few KB: a bilevel image costs 8 MB to make."""
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 100_000
+    return buf.getvalue()
+
+
+def test_a_huge_image_is_planned_from_its_header(huge_png):
+    assert image_size(huge_png) == (8000, 8000)
+    plan = plan_job(request(workflow=EDIT, image=huge_png), huge_png, decode=False)
+    assert plan.image is None and (plan.image_params.width, plan.image_params.height) == (1024, 1024)
+    # 1024x1024 after the VAE resize: 64x64 latent tokens, and the ViT's 980x980 (70x70 patches), each
+    # between two markers, after the prompt's own tokens
+    prompt_tokens = plan_job(request(), None).context_tokens
+    assert plan.context_tokens == prompt_tokens + (70 * 70 + 2) + (64 * 64 + 2)
+    small = replace(DEFAULT_CONFIG, llm=replace(DEFAULT_CONFIG.llm, max_position_embeddings=plan.context_tokens - 1))
+    with pytest.raises(InputError, match="context tokens"):
+        plan_job(request(workflow=EDIT, image=huge_png), huge_png, small, decode=False)
+
+
+RSS_PROBE = """
+import resource, sys
+from services.common.protos import jobs_pb2
+from services.orchestrator.plan import plan_job
+data = open(sys.argv[1], "rb").read()
+plan_job(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x"), None)  # load the tokenizer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+plan_job(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_EDIT, prompt="x", image=data), data, decode=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_planning_a_huge_image_at_the_gateway_decodes_no_pixels(huge_png, tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png)
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    grew_mib = int(out.stdout.split()[-1])
+    assert grew_mib < 150, f"planning grew the peak RSS by {grew_mib} MiB (decoded RGB would be 183 MiB)"
+
+
+def test_the_header_check_still_refuses_what_is_not_an_image_or_too_large():
+    for data, match in ((b"not an image", "cannot decode"), (b"\x89PNG broken", "cannot decode"), (b"", "empty")):
+        with pytest.raises(ImageError, match=match):
+            plan_job(request(workflow=EDIT, image=data or b"x"), data, decode=False)
+    buf = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(buf, "PNG")  # 72 MP
+    with pytest.raises(ImageError, match=f"the limit is {MAX_IMAGE_PIXELS}"):
+        image_size(buf.getvalue())
+
+
+class _UnreadableStore:
+    def get_bytes(self, key, max_bytes=None):
+        raise AssertionError(f"the gateway read {key} for a request it should have refused")
+
+
+def test_the_gateway_checks_the_request_before_reading_its_image_key():
+    g = Gateway(jobs=None, store=_UnreadableStore(), celery=None, settings=None, reader=object())
+    req = request(workflow=EDIT, image=png(), image_key="uploads/missing.png")
+    with pytest.raises(InputError, match="not both"):
+        g._submit(req, "job-1")

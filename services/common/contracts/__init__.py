@@ -8,19 +8,20 @@ from services.common.contracts.errors import (HTTP_FOR_CODE, Cancelled, Conflict
                                               FailedPrecondition, InputError, JobNotFound, ModelNotFound,
                                               NoOutput, NotFound, NotReady, PermissionDenied, QueueFull,
                                               ResourceExhausted, ServiceError, SessionBusy, SessionNotFound,
-                                              TooLarge, TooManySessions, Unavailable, grpc_code_of,
-                                              http_status_of)
+                                              TooLarge, TooManySessions, Unavailable, UnsupportedMediaType,
+                                              grpc_code_of, http_status_of)
 from services.common.contracts.progress import Controls, Progress
-from services.common.contracts.requests import (ANSWER_TOKENS, MAX_NEW_TOKENS, RENORM_TYPES, THINK_END,
-                                                THINK_TOKENS, ContextItem, ImageParams, SessionRef, TextItem,
-                                                TextParams, VAEImageItem, ViTImageItem)
+from services.common.contracts.requests import (ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S,
+                                                RENORM_TYPES, THINK_END, THINK_TOKENS, ContextItem, ImageParams,
+                                                SessionRef, TextItem, TextParams, VAEImageItem, ViTImageItem)
 from services.common.contracts.results import ImageResult, UnderstandResult
 
 __all__ = [
-    "ANSWER_TOKENS", "MAX_NEW_TOKENS", "RENORM_TYPES", "THINK_END", "THINK_TOKENS", "HTTP_FOR_CODE",
-    "Cancelled", "Conflict", "ContextItem", "Controls", "DeadlineExceeded", "FailedPrecondition",
-    "ImageParams", "ImageResult", "InputError", "JobNotFound", "ModelNotFound", "NoOutput", "NotFound",
-    "NotReady", "PermissionDenied", "Progress", "QueueFull", "ResourceExhausted", "ServiceError",
+    "ANSWER_TOKENS", "MAX_NEW_TOKENS", "MAX_SESSION_ID", "MAX_SESSION_TTL_S", "RENORM_TYPES", "THINK_END",
+    "THINK_TOKENS", "HTTP_FOR_CODE", "Cancelled", "Conflict", "ContextItem", "Controls", "DeadlineExceeded",
+    "FailedPrecondition", "ImageParams", "ImageResult", "InputError", "JobNotFound", "ModelNotFound", "NoOutput",
+    "NotFound", "NotReady", "PermissionDenied", "Progress", "QueueFull", "ResourceExhausted", "ServiceError",
     "SessionBusy", "SessionNotFound", "SessionRef", "TextItem", "TextParams", "TooLarge", "TooManySessions",
-    "Unavailable", "UnderstandResult", "VAEImageItem", "ViTImageItem", "grpc_code_of", "http_status_of",
+    "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem", "grpc_code_of",
+    "http_status_of",
 ]

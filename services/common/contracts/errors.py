@@ -33,6 +33,12 @@ class TooLarge(InputError):
     http_status = 413
 
 
+class UnsupportedMediaType(InputError):
+    """A body in a format the endpoint does not read (neither JSON nor multipart/form-data)."""
+
+    http_status = 415
+
+
 class NotFound(ServiceError, LookupError):
     grpc_code, http_status = "NOT_FOUND", 404
 

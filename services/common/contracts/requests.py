@@ -19,6 +19,9 @@ ANSWER_TOKENS, THINK_TOKENS = 512, 1000
 MAX_NEW_TOKENS = 32768
 THINK_END = "</think>"
 RENORM_TYPES = ("global", "channel", "text_channel")
+# A session as the LLM service keeps it; the gateway refuses the same values before accepting a job.
+MAX_SESSION_ID = 256           # characters, printable
+MAX_SESSION_TTL_S = 24 * 3600  # idle time before the service frees it
 
 
 # ---- context items -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from starlette.datastructures import UploadFile  # what request.form() returns
 
-from services.common.contracts import InputError, TooLarge, grpc_code_of, http_status_of
+from services.common.contracts import InputError, TooLarge, UnsupportedMediaType, grpc_code_of, http_status_of
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.orchestrator.gateway.openai_errors import is_openai_path, openai_error
@@ -269,8 +269,13 @@ def _error_json(path: str, exc: Exception) -> JSONResponse:
 
 async def _read_submit(request: Request) -> jobs_pb2.SubmitJobRequest:
     """A JSON SubmitJobRequest, or multipart/form-data with the request as JSON in the field `request`
-    and the image as the file `image` (no base64: `curl -F request=@job.json -F image=@cat.png`)."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    and the image as the file `image` (no base64: `curl -F request=@job.json -F image=@cat.png`). Any
+    other content type is refused (415), not guessed at: `curl -d` sends form-encoded bodies, say."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMediaType(f"content type {media_type or '(none)'!r}: send application/json, or "
+                                   "multipart/form-data with the request and the image file")
+    if media_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=2)
         raw = form.get("request")
         if isinstance(raw, UploadFile):
@@ -303,6 +308,8 @@ def _json_object(raw: str | bytes, what: str) -> dict:
         return json.loads(raw)
     except ValueError as e:
         raise InputError(f"{what} is not JSON: {e}") from None
+    except RecursionError:  # the parser recurses per nesting level: deep bodies are the client's error
+        raise InputError(f"{what} is nested too deeply") from None
 
 
 def _parse_submit(body: dict) -> jobs_pb2.SubmitJobRequest:
@@ -315,3 +322,5 @@ def _parse_submit(body: dict) -> jobs_pb2.SubmitJobRequest:
         return json_format.ParseDict(body, jobs_pb2.SubmitJobRequest())
     except json_format.ParseError as e:
         raise InputError(f"bad request body: {e}") from None
+    except RecursionError:
+        raise InputError("bad request body: nested too deeply") from None

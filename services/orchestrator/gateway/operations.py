@@ -24,7 +24,7 @@ from services.common.protos import jobs_pb2
 from services.common.storage import ObjectStore, StorageError, job_prefix
 from services.orchestrator.jobs import AsyncJobReader, JobStore
 from services.orchestrator.metrics import GatewayMetrics
-from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_session_id, plan_job
+from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_request, check_session_id, plan_job
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.tasks import CONTROL_QUEUE, DELETE_SESSION_TASK, QUEUE, TASK
 
@@ -101,10 +101,13 @@ class Gateway:
         return (job, new, plan) if with_plan else (job, new)
 
     def _submit(self, req: jobs_pb2.SubmitJobRequest, job_id: str) -> tuple[jobs_pb2.Job, bool, JobPlan]:
+        check_request(req)  # the request's own fields first: a bad one is refused before the store is read
         image = req.image or None
         if req.image_key:
             image = self.store.get_bytes(req.image_key, max_bytes=MAX_IMAGE_BYTES)  # NOT_FOUND if missing
-        plan = plan_job(req, image)  # every check the worker will make, before anything is accepted
+        # every check the worker will make, before anything is accepted; the image is read from its header
+        # only (the worker decodes it)
+        plan = plan_job(req, image, decode=False)
         if self.jobs.r.llen(QUEUE) >= self.settings.max_queued:
             raise QueueFull(f"{self.settings.max_queued} jobs are waiting; retry later")
         stored = jobs_pb2.SubmitJobRequest()
