@@ -7,6 +7,14 @@ Redis lock) every `BAGEL_JOB_SWEEP_SECONDS`:
   seconds). It puts each back to QUEUED and queues a new message, so the job is taken over about
   `lease + sweep` seconds after its worker died. The old message stays a backstop: if it is delivered
   later, the job has ended or is leased, and that delivery does nothing.
+- A job accepted but never started within `BAGEL_JOB_REQUEUE_SECONDS` of its message being sent, and
+  whose message is in the broker neither waiting nor delivered, gets a new message: the old one was lost
+  (its worker died while Redis refused writes, or Redis came back without its last writes). Sent
+  messages are tracked in `bagel:queued`, so each job is sent again at most once per bound; a duplicate
+  is harmless anyway (the runner's lease: a second delivery waits or returns). A job waiting for a
+  retry is started and held by its worker's lease, and is not sent again.
+- Every job not ended `BAGEL_JOB_MAX_AGE_SECONDS` after it was accepted ends FAILED /
+  DEADLINE_EXCEEDED: nothing accepted stays unended (and its record unexpired) forever.
 - A queued job past its deadline (`deadline_seconds`) ends FAILED / DEADLINE_EXCEEDED, rather than
   when a worker reaches it in the queue. (A running one is stopped by its own worker.)
 - The objects of a job (input, features, latents, output) are deleted once its record has expired:
@@ -23,6 +31,10 @@ from typing import Callable
 
 from services.common.storage import ObjectStore, job_prefix
 from services.orchestrator.jobs import JobStore
+from services.orchestrator.settings import QUEUE
+
+REQUEUE_S = 600.0               # defaults of BAGEL_JOB_REQUEUE_SECONDS and BAGEL_JOB_MAX_AGE_SECONDS
+MAX_AGE_S = 7 * 86400 + 3600.0  # the longest deadline (7 days) and an hour
 
 log = logging.getLogger("bagel.janitor")
 
@@ -32,6 +44,8 @@ LOCK_NAME = "janitor"
 @dataclass
 class Sweep:
     rescued: list[str] = field(default_factory=list)  # jobs queued again (their worker died)
+    resent: list[str] = field(default_factory=list)   # never-started jobs sent again (message lost)
+    too_old: list[str] = field(default_factory=list)  # unended jobs ended at the maximum age
     late: list[str] = field(default_factory=list)     # queued jobs ended past their deadline
     purged: list[str] = field(default_factory=list)   # expired jobs whose objects were deleted
     objects: int = 0                                  # objects deleted
@@ -40,13 +54,16 @@ class Sweep:
 
 class Janitor:
     def __init__(self, jobs: JobStore, store: ObjectStore, requeue: Callable[[str], None],
-                 on_sweep: Callable[[Sweep], None] | None = None):
+                 on_sweep: Callable[[Sweep], None] | None = None, requeue_after_s: float = REQUEUE_S,
+                 max_age_s: float = MAX_AGE_S, queue: str = QUEUE):
         self.jobs, self.store, self.requeue, self.on_sweep = jobs, store, requeue, on_sweep
+        self.requeue_after_s, self.max_age_s, self.queue = requeue_after_s, max_age_s, queue
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sweep(self, now: float | None = None, lock_s: float = 60.0) -> Sweep:
-        """One round: rescue orphaned jobs, delete the objects of expired ones."""
+        """One round: rescue orphaned jobs, send lost messages again, end jobs too old or past their
+        deadline, delete the objects of expired ones."""
         token = self.jobs.try_lock(LOCK_NAME, lock_s)
         if token is None:
             return Sweep(skipped=True)
@@ -59,8 +76,19 @@ class Janitor:
                     self.requeue(job_id)
                     out.rescued.append(job_id)
                     log.warning("job queued again: its worker stopped renewing the lease", extra={"job_id": job_id})
+            now = time.time() if now is None else now
+            out.too_old = self.jobs.end_too_old(now, self.max_age_s)
+            for job_id in out.too_old:
+                log.warning("job ended: older than the maximum age", extra={"job_id": job_id})
             out.late = self.jobs.end_late_queued(now)
-            expired = self.jobs.ended_before((time.time() if now is None else now) - self.jobs.ttl)
+            due = self.jobs.due_to_resend(now, self.requeue_after_s)  # marked sent first, as above
+            pending = self.jobs.messages_pending(due, self.queue)
+            for job_id in due:
+                if job_id not in pending:
+                    self.requeue(job_id)
+                    out.resent.append(job_id)
+                    log.warning("job queued again: not started and its message is gone", extra={"job_id": job_id})
+            expired = self.jobs.ended_before(now - self.jobs.ttl)
             for job_id in expired:
                 out.objects += self.store.delete_prefix(job_prefix(job_id))
                 out.purged.append(job_id)

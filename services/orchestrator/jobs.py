@@ -17,8 +17,13 @@ Keys (prefix `bagel:`):
                       has expired)
     deadlines         sorted set: id -> deadline of jobs not ended that have one (the janitor ends
                       queued ones past it)
+    queued            sorted set: id -> when its task message was last sent, for jobs not yet started
+                      (the janitor sends again those waiting too long: their message may be lost)
+    open              sorted set: id -> creation time of every job not ended (the janitor ends those
+                      older than the maximum age, so no record lives forever)
 
-Records of finished jobs expire after `ttl_seconds` (default one day); running ones never do.
+Records of finished jobs expire after `ttl_seconds` (default one day); unended ones are ended by the
+janitor at the latest at its maximum age.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from services.common.protos import jobs_pb2
 
 PREFIX = "bagel:"
 RUNNING_SET, ENDED_ZSET, DEADLINE_ZSET = f"{PREFIX}running", f"{PREFIX}ended", f"{PREFIX}deadlines"
+QUEUED_ZSET, OPEN_ZSET = f"{PREFIX}queued", f"{PREFIX}open"
+HEALTH_KEY = f"{PREFIX}health"
+# Where kombu's Redis transport keeps messages delivered to a worker and not yet acknowledged.
+UNACKED_HASH = "unacked"
 TERMINAL = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED})
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in jobs_pb2.JobState.items()}
 _ID_CHARS = frozenset("0123456789abcdef-")
@@ -94,10 +103,13 @@ class JobStore:
                            progress=jobs_pb2.JobProgress(stage="queued"), created_at=time.time())
         if request.deadline_seconds:
             job.deadline_at = job.created_at + request.deadline_seconds
-        self.r.hset(self.key(job_id), mapping={"job": job.SerializeToString(),
-                                               "request": request.SerializeToString()})
+        pipe = self.r.pipeline()  # one MULTI: a record is never without its index entries
+        pipe.hset(self.key(job_id), mapping={"job": job.SerializeToString(), "request": request.SerializeToString()})
+        pipe.zadd(QUEUED_ZSET, {job_id: job.created_at})  # the caller sends its message next
+        pipe.zadd(OPEN_ZSET, {job_id: job.created_at})
         if job.deadline_at:
-            self.r.zadd(DEADLINE_ZSET, {job_id: job.deadline_at})
+            pipe.zadd(DEADLINE_ZSET, {job_id: job.deadline_at})
+        pipe.execute()
         self._publish(job)
         return Created(job, new=True)
 
@@ -131,10 +143,13 @@ class JobStore:
                 pipe.hset(key, "job", job.SerializeToString())
                 if job.state == jobs_pb2.JOB_STATE_RUNNING:
                     pipe.sadd(RUNNING_SET, job_id)
+                    pipe.zrem(QUEUED_ZSET, job_id)  # started: its message arrived
                 if is_terminal(job):
                     pipe.expire(key, self.ttl)
                     pipe.srem(RUNNING_SET, job_id)
                     pipe.zrem(DEADLINE_ZSET, job_id)
+                    pipe.zrem(QUEUED_ZSET, job_id)
+                    pipe.zrem(OPEN_ZSET, job_id)
                     pipe.zadd(ENDED_ZSET, {job_id: job.finished_at})
             return job
 
@@ -239,6 +254,7 @@ class JobStore:
                                                      message="its worker stopped renewing its lease; queued again"))
                 pipe.hset(key, "job", job.SerializeToString())
                 pipe.srem(RUNNING_SET, job_id)
+                pipe.zadd(QUEUED_ZSET, {job_id: time.time()})  # the janitor sends its message next
                 rescued["job"] = job
 
         self.r.transaction(change, key, lease)  # a job joins or leaves the started set with a change of its key
@@ -269,6 +285,75 @@ class JobStore:
             if this:
                 ended.append(job_id)
         return ended
+
+    def due_to_resend(self, now: float, after_s: float, limit: int = 500) -> list[str]:
+        """Queued jobs whose message was last sent `after_s` or more before `now` and that nobody has
+        started: their message may be lost (a worker died while Redis was full, Redis came back without
+        its last writes). Each one's time is bumped to `now`, so it is due again only a full `after_s`
+        later; the caller sends a new message (a duplicate is harmless: see runner.execute). Jobs that
+        started, ended or expired leave the index; one whose lease is held (a worker about to start it)
+        is passed over."""
+        due = [m.decode() for m in self.r.zrangebyscore(QUEUED_ZSET, "-inf", now - after_s, start=0, num=limit)]
+        out: list[str] = []
+        for job_id in due:
+            key, lease = self.key(job_id), self._lease_key(job_id)
+
+            def change(pipe: redis.client.Pipeline) -> bool:
+                raw, held, started = pipe.hget(key, "job"), pipe.exists(lease), pipe.sismember(RUNNING_SET, job_id)
+                job = None if raw is None else jobs_pb2.Job.FromString(raw)
+                pipe.multi()
+                if job is None or job.state != jobs_pb2.JOB_STATE_QUEUED or started:
+                    # Expired, ended, or started (one waiting for a retry is its worker's, or the rescue's).
+                    pipe.zrem(QUEUED_ZSET, job_id)
+                    return False
+                if held:
+                    return False
+                pipe.zadd(QUEUED_ZSET, {job_id: now})
+                return True
+
+            # A job joins the started set only with a change of its key, so watching the key covers both.
+            if self.r.transaction(change, key, lease, value_from_callable=True):
+                out.append(job_id)
+        return out
+
+    def messages_pending(self, job_ids: list[str], queue: str) -> set[str]:
+        """Those of `job_ids` whose task message is still in the broker (waiting in `queue`, or delivered
+        and unacknowledged): sending another would only duplicate it. Reads the broker's Redis keys
+        (kombu's layout) when the broker shares this Redis; the job id is in each message's `argsrepr`
+        header. A message not found here is treated as lost, the safe side."""
+        if not job_ids:
+            return set()
+        blob = b"\n".join(self.r.lrange(queue, 0, -1)) + b"\n".join(self.r.hvals(UNACKED_HASH))
+        return {job_id for job_id in job_ids if job_id.encode() in blob}
+
+    def end_too_old(self, now: float, max_age_s: float, limit: int = 500) -> list[str]:
+        """Jobs accepted `max_age_s` or more before `now` and not ended end FAILED / DEADLINE_EXCEEDED,
+        whatever their state: the upper bound on a record's life, so nothing accepted waits forever."""
+        due = [m.decode() for m in self.r.zrangebyscore(OPEN_ZSET, "-inf", now - max_age_s, start=0, num=limit)]
+        message = f"not finished within the maximum age of a job ({max_age_s:.0f} s after it was accepted)"
+        ended: list[str] = []
+        for job_id in due:
+            this: dict[str, bool] = {}
+
+            def change(job: jobs_pb2.Job):
+                this.clear()  # a transaction retried after a concurrent change starts over
+                this["ended"] = _end(job, jobs_pb2.JOB_STATE_FAILED, error=("DEADLINE_EXCEEDED", message))
+                return this["ended"]
+
+            try:
+                self.update(job_id, change)
+            except JobNotFound:
+                pass
+            if this.get("ended"):
+                ended.append(job_id)
+            else:
+                self.r.zrem(OPEN_ZSET, job_id)  # expired, or ended without leaving the index
+        return ended
+
+    def writable(self) -> None:
+        """Raises (redis.RedisError) unless Redis accepts a write: a Redis at maxmemory with noeviction
+        still answers PING but refuses every new job."""
+        self.r.set(HEALTH_KEY, b"1", ex=60)
 
     def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
         return [m.decode() for m in self.r.zrangebyscore(ENDED_ZSET, "-inf", cutoff, start=0, num=limit)]

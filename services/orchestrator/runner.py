@@ -72,10 +72,12 @@ class Runtime:
 
     def janitor(self, requeue: Callable[[str], None]) -> Janitor:
         def count(sweep: Sweep) -> None:
-            self.metrics.rescued.inc(len(sweep.rescued))
+            self.metrics.rescued.inc(len(sweep.rescued) + len(sweep.resent))
             self.metrics.objects_deleted.inc(sweep.objects)
 
-        return Janitor(self.jobs, self.store, requeue, on_sweep=count)
+        s = self.settings
+        return Janitor(self.jobs, self.store, requeue, on_sweep=count, requeue_after_s=s.requeue_s,
+                       max_age_s=s.max_age_s)
 
 
 def execute(job_id: str, rt: Runtime) -> None:

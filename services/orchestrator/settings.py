@@ -38,5 +38,11 @@ class OrchestratorSettings(EnvSettings):
     max_queued: int = setting("BAGEL_MAX_QUEUED_JOBS", 1000, low=1)
     # the workers' janitor: orphaned jobs queued again, expired objects deleted
     sweep_s: int = setting("BAGEL_JOB_SWEEP_SECONDS", 15, low=1)
+    # a job not started this long after its message was sent, and whose message is gone from the
+    # broker, is sent again by the janitor
+    requeue_s: int = setting("BAGEL_JOB_REQUEUE_SECONDS", 600, low=1)
+    # any job not ended this long after it was accepted ends FAILED / DEADLINE_EXCEEDED; above the
+    # longest deadline (7 days)
+    max_age_s: int = setting("BAGEL_JOB_MAX_AGE_SECONDS", 7 * 86400 + 3600, low=60)
     # the served model's name in the OpenAI-compatible API (`model`, /v1/models)
     model_name: str = setting("BAGEL_MODEL_NAME", "BAGEL-7B-MoT")

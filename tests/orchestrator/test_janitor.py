@@ -11,6 +11,7 @@ from services.common.protos import jobs_pb2
 from services.common.storage import job_prefix
 from services.orchestrator.janitor import Janitor
 from services.orchestrator.jobs import JobStore
+from services.orchestrator.settings import QUEUE, TASK
 
 QUEUED, RUNNING = jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING
 
@@ -120,3 +121,83 @@ def test_a_job_reached_after_its_deadline_never_starts(jobs):
     ended = jobs.get(job.id)
     assert ended.state == jobs_pb2.JOB_STATE_FAILED and ended.error.code == "DEADLINE_EXCEEDED"
     assert ended.attempts == 0 and ended.started_at == 0
+
+
+# ---- every accepted job ends: lost messages are sent again, and no record outlives the maximum age ----
+@pytest.fixture()
+def broker(jobs):
+    """A Celery app on the janitor's Redis database: messages in the real broker layout."""
+    from services.orchestrator.settings import OrchestratorSettings
+    from services.orchestrator.tasks import make_celery
+
+    url = jobs.r.connection_pool.connection_kwargs
+    return make_celery(OrchestratorSettings(redis_url=f"redis://{url['host']}:{url['port']}/{url['db']}"))
+
+
+def send(broker, job_id: str) -> None:
+    broker.send_task(TASK, args=[job_id], queue=QUEUE)
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_once_per_bound(jobs, store, broker):
+    sent: list[str] = []
+    janitor = Janitor(jobs, store, lambda job_id: (sent.append(job_id), send(broker, job_id)), requeue_after_s=60)
+    job = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x")).job
+    send(broker, job.id)  # accepted: recorded and queued
+    assert janitor.sweep(now=job.created_at + 61).resent == []  # its message still waits in the queue
+    jobs.r.delete(QUEUE)  # ...and is lost (a worker died while Redis was full, say)
+    assert janitor.sweep(now=job.created_at + 100).resent == []  # bumped at the last sweep: not due yet
+    assert janitor.sweep(now=job.created_at + 122).resent == [job.id] and sent == [job.id]
+    assert jobs.r.llen(QUEUE) == 1 and job.id.encode() in jobs.r.lindex(QUEUE, 0)
+    jobs.r.delete(QUEUE)
+    assert janitor.sweep(now=job.created_at + 130).resent == []  # not twice within the bound
+    assert janitor.sweep(now=job.created_at + 183).resent == [job.id]  # still lost: again a bound later
+    # Delivered and not yet acknowledged (in the broker's unacked hash) also counts as on its way.
+    jobs.r.hset("unacked", "tag-1", jobs.r.lpop(QUEUE))
+    assert janitor.sweep(now=job.created_at + 300).resent == []
+    assert jobs.get(job.id).state == QUEUED
+
+
+def test_started_and_leased_jobs_are_not_sent_again(jobs, store):
+    sent: list[str] = []
+    janitor = Janitor(jobs, store, sent.append, requeue_after_s=60)
+    running = started_job(jobs, "w1")
+    retrying = started_job(jobs, "w2")
+    jobs.requeue(retrying, "UNAVAILABLE: vae restarting")  # QUEUED, waiting for its retry, lease held by w2
+    taken = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="y")).job.id
+    assert jobs.acquire_lease(taken, "w3", 30)  # a worker about to start it
+    ended = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="z")).job.id
+    jobs.fail(ended, "CANCELLED", "cancelled")
+    sweep = janitor.sweep(now=time.time() + 3600)
+    assert sweep.resent == [] and sent == [] and sweep.rescued == []
+    assert jobs.get(retrying).state == QUEUED and jobs.get(running).state == RUNNING
+    assert jobs.r.zrange("bagel:queued", 0, -1) == [taken.encode()]  # started and ended ones left the index
+
+
+def test_a_job_rescued_from_a_dead_worker_is_sent_again_if_that_message_is_lost(jobs, store):
+    sent: list[str] = []
+    janitor = Janitor(jobs, store, sent.append, requeue_after_s=60)
+    dead = started_job(jobs, "w1", lease_s=0.2)
+    time.sleep(0.3)
+    now = time.time()
+    assert janitor.sweep(now=now).rescued == [dead] and sent == [dead]
+    assert janitor.sweep(now=now + 30).resent == []  # the rescue's message counts as sent
+    assert janitor.sweep(now=now + 61).resent == [dead] and sent == [dead, dead]
+
+
+def test_a_record_past_the_maximum_age_ends_failed(jobs, store):
+    janitor = Janitor(jobs, store, lambda job_id: None, requeue_after_s=10 ** 9, max_age_s=3600)
+    queued = jobs.create(jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="x")).job
+    running = started_job(jobs)
+    done = started_job(jobs, "w2")
+    jobs.succeed(done, jobs_pb2.JobResult(text="ok"))
+    assert janitor.sweep(now=queued.created_at + 3599).too_old == []
+    sweep = janitor.sweep(now=time.time() + 3600)
+    assert sorted(sweep.too_old) == sorted([queued.id, running])
+    for job_id in (queued.id, running):
+        job = jobs.get(job_id)
+        assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DEADLINE_EXCEEDED"
+        assert "maximum age" in job.error.message
+        assert 0 < jobs.r.ttl(jobs.key(job_id)) <= jobs.ttl  # the record expires like any ended one
+    assert jobs.get(done).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert jobs.r.zcard("bagel:open") == 0 and jobs.r.zcard("bagel:queued") == 0
+    assert janitor.sweep(now=time.time() + 7200).too_old == []

@@ -165,11 +165,16 @@ class Gateway:
         return self.result_image(job_id, "png")
 
     def ready(self) -> str | None:
-        """None when Redis and the bucket answer, else what does not."""
+        """None when Redis accepts writes and the bucket answers, else what does not."""
         try:
             self.jobs.r.ping()
         except redis.RedisError as e:
             return f"redis: {e}"
+        try:
+            # A full Redis (maxmemory, noeviction) still answers PING but refuses every new job.
+            self.jobs.writable()
+        except redis.RedisError as e:
+            return f"redis refuses writes: {e}"
         try:
             self.store.ensure_bucket()
         except StorageError as e:
