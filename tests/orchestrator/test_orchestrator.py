@@ -402,6 +402,51 @@ def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_serve
         o.close()
 
 
+def test_readiness_fails_while_redis_refuses_writes(redis_server, vit_server, vae_server, llm_server, store):
+    # A full Redis (maxmemory reached, noeviction) still answers PING: readiness must try a write.
+    s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                     redis_url=redis_server.url[:-1] + "8")
+    o = Orchestrator(s, store, worker=False)
+    r = o.jobs.r
+    saved = {k: r.config_get(k)[k] for k in ("maxmemory", "maxmemory-policy")}
+    try:
+        assert o.http.get("/readyz").status_code == 200
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)
+        ready = o.http.get("/readyz")
+        assert ready.status_code == 503 and "refuses writes" in ready.json()["reason"]
+    finally:
+        r.config_set("maxmemory", saved["maxmemory"])
+        r.config_set("maxmemory-policy", saved["maxmemory-policy"])
+        assert o.http.get("/readyz").status_code == 200
+        o.jobs.r.flushdb()
+        o.close()
+
+
+def test_an_accepted_job_whose_message_was_lost_still_runs(redis_server, vit_server, vae_server, llm_server,
+                                                            store):
+    """Answered 202, then its queue message vanished (say Redis came back without its last writes): a
+    worker's janitor sends it again once it has waited `requeue_s`, and it runs to its end."""
+    s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                     redis_url=redis_server.url[:-1] + "9", sweep_s=1, requeue_s=1)
+    o = Orchestrator(s, store, worker=False)
+    worker = None
+    try:
+        r = o.http.post("/v1/jobs", json={"workflow": "generate", "prompt": "found again",
+                                          "image_params": {"width": 32, "height": 32, "num_timesteps": 2}})
+        assert r.status_code == 202, r.text
+        assert o.jobs.r.delete(QUEUE) == 1  # the message is gone; the record says QUEUED
+        worker = WorkerProcess(s, store, concurrency=1)
+        final = wait_job(o, r.json()["id"], lambda j: j.state in (SUCCEEDED, FAILED, CANCELLED), timeout=90)
+        assert final.state == SUCCEEDED and final.attempts == 1
+        assert metric_value(worker.scrape(), "bagel_jobs_rescued_total") == 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        o.jobs.r.flushdb()
+        o.close()
+
+
 @pytest.mark.parametrize("by", ["janitor", "redelivery"])
 def test_a_job_whose_worker_dies_is_taken_over(by, redis_server, vit_server, vae_server, llm_server, store, clients):
     """A worker process killed (SIGKILL) mid-job: its lease lapses, and another worker runs the job to the
