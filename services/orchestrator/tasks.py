@@ -7,7 +7,8 @@ implementations on an app made here.
 Delivery is at-least-once and a job is never dropped: the task message is acknowledged only after the
 job has ended (acks_late), a worker takes one message at a time (prefetch 1), and a message whose
 worker died goes back to the queue after the visibility timeout; the runner's lease makes a second
-delivery harmless, and the janitor queues the job of a dead worker again well before that. Job state
+delivery harmless, and the janitor queues the job of a dead worker again well before that, and sends
+again the message of a job that has waited too long while its message is nowhere in the broker. Job state
 and results live in the job records (jobs.py), not in Celery's backend.
 """
 

@@ -436,6 +436,9 @@ def test_redis_persists_to_a_claim(docs):
     redis = workload(docs, "redis")
     c = pod_spec(redis)["containers"][0]
     assert flag(c, "--appendonly") == "yes" and flag(c, "--maxmemory-policy") == "noeviction"
+    # Records and queued messages must never be evicted silently: a full Redis refuses writes instead,
+    # which needs a maxmemory (docs/orchestrator.md, "Redis must never evict").
+    assert flag(c, "--maxmemory") not in (None, "0")
     data = next(m for m in c["volumeMounts"] if m["mountPath"] == flag(c, "--dir"))
     assert redis["kind"] == "StatefulSet" and data["name"] in {t["metadata"]["name"]
                                                                for t in redis["spec"]["volumeClaimTemplates"]}
