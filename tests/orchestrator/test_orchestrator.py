@@ -507,7 +507,8 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     from services.llm.sessions import InProcessLLM
 
     image = noise_image(24, 24, seed=12)
-    turns = [({"image": b64(png_bytes(image))}, "what is in it?"), ({}, "and what colour is it?")]
+    turns = [({"image": b64(png_bytes(image))}, "what is in it?"),
+             ({"session_resume": True}, "and what colour is it?")]  # a later turn says so
     got = []
     for extra, prompt in turns:
         job = orch.http.post("/v1/jobs", params={"wait": 60}, json={
@@ -534,6 +535,17 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     expect_status(grpc.StatusCode.NOT_FOUND, orch.stub.DeleteSession, llm_pb2.DeleteSessionRequest(session_id="nope"))
     expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.DeleteSession,
                   llm_pb2.DeleteSessionRequest(session_id="x" * 300))
+    # A follow-up of a session the LLM service no longer has (ended, expired, lost in its restart) fails
+    # instead of answering without the conversation; a first turn of the same id starts a new one.
+    follow_up = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_UNDERSTAND, prompt="and its colour?",
+                                          session_id="chat-7", session_resume=True,
+                                          text_params={"max_new_tokens": 2})
+    final = list(orch.stub.Run(follow_up, timeout=60))[-1]
+    assert final.state == FAILED and final.error.code == "FAILED_PRECONDITION", final
+    assert "chat-7" in final.error.message and "gone" in final.error.message
+    r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "session_resume": True,
+                                         "image": b64(png_bytes(image))})
+    assert r.status_code == 400 and "session_resume" in r.json()["message"]
 
 
 def test_metrics_count_submissions_and_finished_jobs(orch):
