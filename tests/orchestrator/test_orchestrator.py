@@ -481,6 +481,54 @@ def test_a_synchronous_run_given_up_by_its_caller_is_cancelled(orch):
     wait_job(orch, job.id, lambda j: j.state == CANCELLED, timeout=30)
 
 
+def test_a_graceful_gateway_restart_leaves_running_jobs_alone(redis_server, vit_server, vae_server, llm_server,
+                                                              store):
+    settings = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                            redis_url=redis_server.url[:-1] + "8")
+    o = Orchestrator(settings, store)
+    second = None
+    try:
+        request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="through a restart",
+                                            image_params={"width": 256, "height": 256, "num_timesteps": 400})
+        seen, ended = [], {}
+
+        def run():
+            try:
+                for update in o.stub.Run(request, timeout=120):
+                    seen.append(update)
+            except grpc.RpcError as e:
+                ended["run"] = e
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        wait_until(lambda: seen)
+        job_id = seen[0].id
+        wait_job(o, job_id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 1)
+        poller = threading.Thread(target=lambda: ended.setdefault(
+            "poll", o.http.get(f"/v1/jobs/{job_id}", params={"wait": 60})))
+        poller.start()
+        time.sleep(0.5)  # the long poll is open
+        started = time.monotonic()
+        o.proc.stop()  # what SIGTERM does
+        runner.join(30)
+        poller.join(30)
+        assert time.monotonic() - started < 8  # open waits ended at once, not at the end of the grace periods
+        e = ended["run"]
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and job_id in e.details()
+        assert ("bagel-job-id", job_id) in tuple(e.trailing_metadata())
+        poll = ended["poll"]
+        assert poll.status_code == 200 and poll.json()["id"] == job_id
+        assert poll.json()["state"] in ("JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED")
+        # Another gateway on the same Redis follows the job on to its end: it was never cancelled.
+        second = Orchestrator(settings, store, worker=False)
+        final = list(second.stub.Watch(jobs_pb2.GetJobRequest(id=job_id), timeout=120))[-1]
+        assert final.state == SUCCEEDED, final
+    finally:
+        o.close()
+        if second is not None:
+            second.close()
+
+
 def test_settings_from_the_environment_name_the_bad_variable():
     env = {"BAGEL_REDIS_URL": "redis://r:6379/2", "BAGEL_LLM_ADDR": "llm:1", "BAGEL_JOB_MAX_RETRIES": "0",
            "BAGEL_AUTH_TOKEN": "  "}

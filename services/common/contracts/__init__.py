@@ -23,6 +23,6 @@ __all__ = [
     "FailedPrecondition", "ImageParams", "ImageResult", "InputError", "JobNotFound", "ModelNotFound", "NoOutput",
     "NotFound", "NotReady", "PermissionDenied", "Progress", "QueueFull", "ResourceExhausted", "ServiceError",
     "SessionBusy", "SessionLost", "SessionNotFound", "SessionRef", "TextItem", "TextParams", "TooLarge",
-    "TooManySessions", "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem", "grpc_code_of",
-    "http_status_of",
+    "TooManySessions", "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem",
+    "grpc_code_of", "http_status_of",
 ]
