@@ -98,7 +98,8 @@ class Client(_Requests):
     def understand(self, image: ImageInput | None, prompt: str, *, wait: bool = False,
                    timeout: float | None = None, **options) -> Job | TextResult:
         """Answer `prompt` about `image` (None: a follow-up in `session`). Options: think, max_new_tokens,
-        do_sample, temperature, top_p, seed, session, session_ttl_s, idempotency_key, deadline_s."""
+        do_sample, temperature, top_p, seed, session, session_ttl_s, session_resume (a later turn:
+        fail rather than start afresh if the session is gone), idempotency_key, deadline_s."""
         return self._start(self._understand(image, prompt, options), wait, timeout)
 
     def generate(self, prompt: str, *, wait: bool = False, timeout: float | None = None,

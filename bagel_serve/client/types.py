@@ -157,13 +157,14 @@ def build_request(workflow: Workflow, prompt: str, *, image: ImageInput | None =
                   cfg_renorm_type: str | None = None, cfg_renorm_min: float | None = None,
                   timestep_shift: float | None = None, max_new_tokens: int | None = None,
                   do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
-                  session: str | None = None, session_ttl_s: int | None = None,
+                  session: str | None = None, session_ttl_s: int | None = None, session_resume: bool = False,
                   idempotency_key: str | None = None, deadline_s: float | None = None,
                   inline_image: bool = False) -> jobs_pb2.SubmitJobRequest:
     """A SubmitJobRequest; arguments left None take the server's defaults (the gateway checks ranges)."""
     req = jobs_pb2.SubmitJobRequest(workflow=workflow.proto, prompt=prompt, think=think,
                                     inline_image=inline_image, image_key=image_key,
-                                    session_id=session or "", idempotency_key=idempotency_key or "")
+                                    session_id=session or "", session_resume=session_resume,
+                                    idempotency_key=idempotency_key or "")
     if image is not None:
         req.image = read_image(image)
     if session_ttl_s is not None:

@@ -292,7 +292,8 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             return None
         if options.ttl_seconds > MAX_SESSION_TTL_S:
             raise InputError(f"session.ttl_seconds must be at most {MAX_SESSION_TTL_S}, got {options.ttl_seconds}")
-        return rt.sessions.acquire(_session_id(options.id), float(options.ttl_seconds) or None, create=True)
+        return rt.sessions.acquire(_session_id(options.id), float(options.ttl_seconds) or None,
+                                  resume=options.resume)
 
     def _submit(self, rt: LLMRuntime, session: Session | None, submit: Callable[[CFGContexts | None], Future],
                 context) -> Future:

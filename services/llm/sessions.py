@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.common.contracts import (ImageResult, SessionBusy, SessionNotFound, SessionRef, TooManySessions,
-                                       UnderstandResult)
+from services.common.contracts import (ImageResult, SessionBusy, SessionLost, SessionNotFound, SessionRef,
+                                       TooManySessions, UnderstandResult)
 from services.llm.engine import CFGContexts, LLMEngine, Steps, Turn
 
 
@@ -45,11 +45,16 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def acquire(self, session_id: str, ttl_s: float | None = None, create: bool = True) -> Session:
-        """The session, marked busy (created empty on first use when `create`)."""
+    def acquire(self, session_id: str, ttl_s: float | None = None, create: bool = True,
+                resume: bool = False) -> Session:
+        """The session, marked busy (created empty on first use when `create`). `resume`: the caller
+        continues a conversation it had, so a missing or empty session is SessionLost, not a fresh one."""
         self.expire()
         with self._lock:
             s = self._sessions.get(session_id)
+            if s is None and resume:
+                raise SessionLost(f"session {session_id!r} is gone (expired, deleted, or lost when the LLM "
+                                  "server restarted): start a new conversation with its first turn")
             if s is None:
                 if not create:
                     raise SessionNotFound(f"unknown session {session_id!r}")
@@ -61,6 +66,9 @@ class SessionStore:
                 s = self._sessions[session_id] = Session(session_id, state, ttl_s or self.default_ttl_s)
             if s.busy:
                 raise SessionBusy(f"session {session_id!r} is serving another request")
+            if resume and s.turns == 0:  # created by a first turn that failed: it holds no conversation
+                raise SessionLost(f"session {session_id!r} has no completed turn to continue: start a new "
+                                  "conversation with its first turn")
             s.busy = True
             if ttl_s:
                 s.ttl_s = ttl_s
@@ -136,7 +144,7 @@ class InProcessLLM:
     def _turn(self, ref: SessionRef | None, make: Callable[[CFGContexts | None], Steps], batch_cfg: bool = True):
         if ref is None:
             return self.engine.drive(make(None), batch_cfg).result
-        s = self.sessions.acquire(ref.id, ref.ttl_s or None)
+        s = self.sessions.acquire(ref.id, ref.ttl_s or None, resume=ref.resume)
         try:
             turn = self.engine.drive(make(s.state), batch_cfg)
             self.sessions.adopt(s, turn)

@@ -60,8 +60,8 @@ def check_request(req: jobs_pb2.SubmitJobRequest) -> None:
                          "follow-up question in a session may leave it out)")
     if req.session_id:
         check_session_id(req.session_id)
-    if req.session_ttl_seconds and not req.session_id:
-        raise InputError("session_ttl_seconds: set session_id too")
+    if (req.session_ttl_seconds or req.session_resume) and not req.session_id:
+        raise InputError("session_ttl_seconds, session_resume: set session_id too")
     if req.session_ttl_seconds > MAX_SESSION_TTL_S:  # the LLM service would fail the job with it
         raise InputError(f"session_ttl_seconds: at most {MAX_SESSION_TTL_S} (24 h), got {req.session_ttl_seconds}")
     if req.idempotency_key and (len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY
@@ -118,7 +118,7 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     image = load_image(image_bytes) if image_bytes is not None and decode else None
     tokens = check_context(req, vae_wh, cfg)
     name = WORKFLOW_NAMES[req.workflow]
-    session = SessionRef(req.session_id, req.session_ttl_seconds) if req.session_id else None
+    session = SessionRef(req.session_id, req.session_ttl_seconds, req.session_resume) if req.session_id else None
     if name == "understand":
         budget = THINK_TOKENS if req.think else ANSWER_TOKENS
         return JobPlan(name, req.prompt, image, text_params=messages.text_params(req.text_params, budget),

@@ -266,7 +266,9 @@ class GrpcLLM:
 
 
 def _session_options(session: SessionRef | None) -> llm_pb2.SessionOptions | None:
-    return None if session is None else llm_pb2.SessionOptions(id=session.id, ttl_seconds=session.ttl_s)
+    if session is None:
+        return None
+    return llm_pb2.SessionOptions(id=session.id, ttl_seconds=session.ttl_s, resume=session.resume)
 
 
 @dataclass

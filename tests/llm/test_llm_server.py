@@ -379,6 +379,29 @@ def test_session_limit_and_full_kv_cache_are_resource_exhausted(tiny_ckpt):
         s.close()
 
 
+@pytest.mark.servers  # starts its own LLM servers
+def test_a_later_turn_of_a_session_lost_in_a_restart_is_refused(tiny_ckpt):
+    def ask(s, prompt, resume):
+        return list(s.stub.GenerateText(llm_pb2.GenerateTextRequest(
+            items=[text(prompt)], params=llm_pb2.TextParams(max_new_tokens=2),
+            session=llm_pb2.SessionOptions(id="chat-r", resume=resume)), timeout=30))
+
+    s = start_llm(tiny_ckpt)
+    try:
+        expect_status(CODE.FAILED_PRECONDITION, ask, s, "hi", True, match="is gone")  # nothing to continue
+        assert ask(s, "hello", False)[-1].done.session_id == "chat-r"  # the first turn creates it
+        assert ask(s, "and then?", True)[-1].done.session_id == "chat-r"
+    finally:
+        s.close()
+    s = start_llm(tiny_ckpt)  # the same checkpoint, restarted: its sessions are gone
+    try:
+        expect_status(CODE.FAILED_PRECONDITION, ask, s, "and then?", True, match="lost when the LLM server restarted")
+        assert not s.stub.DeleteSession(llm_pb2.DeleteSessionRequest(session_id="chat-r")).deleted  # not recreated
+        assert kv_in_use(s) == 0
+    finally:
+        s.close()
+
+
 @pytest.mark.servers  # starts its own LLM server
 def test_wrong_token_is_unauthenticated(tiny_ckpt):
     s = start_llm(tiny_ckpt, load=False, auth_token="right-token")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.contracts import (Cancelled, Controls, ImageParams, SessionBusy, SessionNotFound, SessionRef,
-                                       TextItem, TextParams, TooManySessions, ViTImageItem)
+from services.common.contracts import (Cancelled, Controls, ImageParams, SessionBusy, SessionLost, SessionNotFound,
+                                       SessionRef, TextItem, TextParams, TooManySessions, ViTImageItem)
 from services.llm.sessions import InProcessLLM, SessionStore
 
 
@@ -32,6 +32,22 @@ def test_second_turn_equals_replaying_the_history(engine):
     torch.testing.assert_close(in_session, replay, atol=1e-5, rtol=1e-5)
     assert llm.delete_session("chat") and not llm.delete_session("chat")
     assert len(llm.sessions) == 0
+
+
+def test_a_resumed_turn_needs_the_session_it_continues(engine):
+    llm = InProcessLLM(engine)
+    p = TextParams(max_new_tokens=2)
+    with pytest.raises(SessionLost, match="is gone"):  # never silently a fresh conversation
+        llm.understand([TextItem("and then?")], p, session=SessionRef("c", resume=True))
+    assert len(llm.sessions) == 0
+    llm.sessions.acquire("c")  # created, but its first turn never completed
+    llm.sessions.release(llm.sessions._sessions["c"])
+    with pytest.raises(SessionLost, match="no completed turn"):
+        llm.understand([TextItem("and then?")], p, session=SessionRef("c", resume=True))
+    llm.understand([TextItem("hello")], p, session=SessionRef("c"))
+    llm.understand([TextItem("and then?")], p, session=SessionRef("c", resume=True))
+    assert llm.sessions._sessions["c"].turns == 2
+    llm.sessions.close()
 
 
 def test_failed_turn_leaves_the_session_unchanged(engine):

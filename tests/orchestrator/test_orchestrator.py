@@ -526,6 +526,54 @@ def test_a_synchronous_run_given_up_by_its_caller_is_cancelled(orch):
     wait_job(orch, job.id, lambda j: j.state == CANCELLED, timeout=30)
 
 
+def test_a_graceful_gateway_restart_leaves_running_jobs_alone(redis_server, vit_server, vae_server, llm_server,
+                                                              store):
+    settings = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                            redis_url=redis_server.url[:-1] + "8")
+    o = Orchestrator(settings, store)
+    second = None
+    try:
+        request = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_GENERATE, prompt="through a restart",
+                                            image_params={"width": 256, "height": 256, "num_timesteps": 400})
+        seen, ended = [], {}
+
+        def run():
+            try:
+                for update in o.stub.Run(request, timeout=120):
+                    seen.append(update)
+            except grpc.RpcError as e:
+                ended["run"] = e
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        wait_until(lambda: seen)
+        job_id = seen[0].id
+        wait_job(o, job_id, lambda j: j.progress.stage == "denoise" and j.progress.step >= 1)
+        poller = threading.Thread(target=lambda: ended.setdefault(
+            "poll", o.http.get(f"/v1/jobs/{job_id}", params={"wait": 60})))
+        poller.start()
+        time.sleep(0.5)  # the long poll is open
+        started = time.monotonic()
+        o.proc.stop()  # what SIGTERM does
+        runner.join(30)
+        poller.join(30)
+        assert time.monotonic() - started < 8  # open waits ended at once, not at the end of the grace periods
+        e = ended["run"]
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and job_id in e.details()
+        assert ("bagel-job-id", job_id) in tuple(e.trailing_metadata())
+        poll = ended["poll"]
+        assert poll.status_code == 200 and poll.json()["id"] == job_id
+        assert poll.json()["state"] in ("JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED")
+        # Another gateway on the same Redis follows the job on to its end: it was never cancelled.
+        second = Orchestrator(settings, store, worker=False)
+        final = list(second.stub.Watch(jobs_pb2.GetJobRequest(id=job_id), timeout=120))[-1]
+        assert final.state == SUCCEEDED, final
+    finally:
+        o.close()
+        if second is not None:
+            second.close()
+
+
 def test_settings_from_the_environment_name_the_bad_variable():
     env = {"BAGEL_REDIS_URL": "redis://r:6379/2", "BAGEL_LLM_ADDR": "llm:1", "BAGEL_JOB_MAX_RETRIES": "0",
            "BAGEL_AUTH_TOKEN": "  "}
@@ -552,7 +600,8 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     from services.llm.sessions import InProcessLLM
 
     image = noise_image(24, 24, seed=12)
-    turns = [({"image": b64(png_bytes(image))}, "what is in it?"), ({}, "and what colour is it?")]
+    turns = [({"image": b64(png_bytes(image))}, "what is in it?"),
+             ({"session_resume": True}, "and what colour is it?")]  # a later turn says so
     got = []
     for extra, prompt in turns:
         job = orch.http.post("/v1/jobs", params={"wait": 60}, json={
@@ -579,6 +628,17 @@ def test_jobs_in_one_session_continue_one_conversation(orch, clients, engine):
     expect_status(grpc.StatusCode.NOT_FOUND, orch.stub.DeleteSession, llm_pb2.DeleteSessionRequest(session_id="nope"))
     expect_status(grpc.StatusCode.INVALID_ARGUMENT, orch.stub.DeleteSession,
                   llm_pb2.DeleteSessionRequest(session_id="x" * 300))
+    # A follow-up of a session the LLM service no longer has (ended, expired, lost in its restart) fails
+    # instead of answering without the conversation; a first turn of the same id starts a new one.
+    follow_up = jobs_pb2.SubmitJobRequest(workflow=jobs_pb2.WORKFLOW_UNDERSTAND, prompt="and its colour?",
+                                          session_id="chat-7", session_resume=True,
+                                          text_params={"max_new_tokens": 2})
+    final = list(orch.stub.Run(follow_up, timeout=60))[-1]
+    assert final.state == FAILED and final.error.code == "FAILED_PRECONDITION", final
+    assert "chat-7" in final.error.message and "gone" in final.error.message
+    r = orch.http.post("/v1/jobs", json={"workflow": "understand", "prompt": "x", "session_resume": True,
+                                         "image": b64(png_bytes(image))})
+    assert r.status_code == 400 and "session_resume" in r.json()["message"]
 
 
 def test_metrics_count_submissions_and_finished_jobs(orch):

@@ -7,8 +7,9 @@ types as the model services do."""
 from services.common.contracts.errors import (HTTP_FOR_CODE, Cancelled, Conflict, DeadlineExceeded,
                                               FailedPrecondition, InputError, JobNotFound, ModelNotFound,
                                               NoOutput, NotFound, NotReady, PermissionDenied, QueueFull,
-                                              ResourceExhausted, ServiceError, SessionBusy, SessionNotFound,
-                                              TooLarge, TooManySessions, Unavailable, UnsupportedMediaType,
+                                              ResourceExhausted, ServiceError, SessionBusy, SessionLost,
+                                              SessionNotFound, TooLarge, TooManySessions, Unavailable,
+                                              UnsupportedMediaType,
                                               grpc_code_of, http_status_of)
 from services.common.contracts.progress import Controls, Progress
 from services.common.contracts.requests import (ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S,
@@ -21,7 +22,7 @@ __all__ = [
     "THINK_TOKENS", "HTTP_FOR_CODE", "Cancelled", "Conflict", "ContextItem", "Controls", "DeadlineExceeded",
     "FailedPrecondition", "ImageParams", "ImageResult", "InputError", "JobNotFound", "ModelNotFound", "NoOutput",
     "NotFound", "NotReady", "PermissionDenied", "Progress", "QueueFull", "ResourceExhausted", "ServiceError",
-    "SessionBusy", "SessionNotFound", "SessionRef", "TextItem", "TextParams", "TooLarge", "TooManySessions",
-    "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem", "grpc_code_of",
-    "http_status_of",
+    "SessionBusy", "SessionLost", "SessionNotFound", "SessionRef", "TextItem", "TextParams", "TooLarge",
+    "TooManySessions", "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem",
+    "grpc_code_of", "http_status_of",
 ]

@@ -99,6 +99,11 @@ class SessionNotFound(NotFound):
     """No session with this id (never created, deleted, or expired)."""
 
 
+class SessionLost(FailedPrecondition):
+    """A turn continues a session the server does not have (expired, deleted, or lost in a restart): run
+    without its context it would answer as if the conversation were new, so it is refused instead."""
+
+
 class SessionBusy(Conflict):
     """The session is serving another request; turns of one conversation are sequential."""
 

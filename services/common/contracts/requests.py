@@ -51,6 +51,8 @@ class SessionRef:
 
     id: str
     ttl_s: int = 0  # idle time before it is freed; 0 = the server's default
+    # A later turn: refused (SessionLost) when the server no longer has the session, never a fresh start.
+    resume: bool = False
 
 
 # ---- parameters ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -57,10 +58,13 @@ JOB_RESPONSES = {400: {"description": "bad request (code INVALID_ARGUMENT)"},
                  404: {"description": "no such job"}}
 
 
-def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
+def build_http_app(g: Gateway, auth_token: str | None = None, stopping: threading.Event | None = None) -> FastAPI:
     """The HTTP front, on asyncio end to end: waiting (long polls, event streams, synchronous OpenAI
     calls) follows Redis with async pub/sub and holds no thread; only short blocking calls (planning and
-    storing a job, reading an image) go to the thread pool."""
+    storing a job, reading an image) go to the thread pool. Once `stopping` is set (the process is shutting
+    down), long polls answer with the job as it is and event streams end after sending it: no job is
+    cancelled, and the client follows it again on another gateway."""
+    stopping = stopping or threading.Event()
     app = FastAPI(title="bagel-serve gateway", version="1", docs_url="/docs", redoc_url=None,
                   description="The job API and the OpenAI-compatible API of a BAGEL deployment.")
 
@@ -71,7 +75,10 @@ def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
         return error_response(request.url.path, "INVALID_ARGUMENT", f"bad request: {_describe(exc)}", 400)
 
     async def follow(request: Request, job_id: str, timeout: float, inline_image: bool) -> jobs_pb2.Job:
-        job = await g.reader.wait(job_id, timeout, still_wanted=lambda: _connected(request))
+        async def wanted() -> bool:
+            return not stopping.is_set() and await _connected(request)
+
+        job = await g.reader.wait(job_id, timeout, still_wanted=wanted)
         return await run_in_threadpool(g._with_image, job, inline_image)
 
     @app.post("/v1/jobs", responses={202: {"description": "accepted: the Job"}, **JOB_RESPONSES})
@@ -105,6 +112,8 @@ def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
         async def stream():
             last_sent = time.monotonic()
             async for job in g.reader.watch(job_id, timeout, idle=True):
+                if job is None and stopping.is_set():  # shutting down: the job as it is, then the end
+                    job = await g.reader.get(job_id)
                 if job is None:
                     if time.monotonic() - last_sent >= KEEPALIVE_S:
                         last_sent = time.monotonic()
@@ -115,6 +124,8 @@ def build_http_app(g: Gateway, auth_token: str | None = None) -> FastAPI:
                 last_sent = time.monotonic()
                 data = json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True))
                 yield f"event: job\ndata: {data}\n\n"
+                if stopping.is_set():
+                    return
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

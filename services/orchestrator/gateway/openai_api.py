@@ -77,6 +77,8 @@ class ChatRequest(ImageOptions):
     stream_options: dict[str, Any] | None = None
     modalities: list[Literal["text", "image"]] | None = None
     session_id: str | None = Field(None, description="continue a conversation kept by the LLM service")
+    session_resume: bool = Field(False, description="a later turn of `session_id`: fail (409) when the LLM "
+                                 "service no longer has it, instead of answering as a new conversation")
 
 
 # ---- the router --------------------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ def _chat_job(body: ChatRequest) -> jobs_pb2.SubmitJobRequest:
         req.image = image
     if body.session_id:
         req.session_id = body.session_id
+    req.session_resume = body.session_resume  # without session_id: refused as the job API refuses it
     return req
 
 

@@ -40,7 +40,9 @@ class GatewayProcess:
         metrics = Metrics()
         gateway.attach_metrics(metrics.registry)
         self.grpc = ModelServer("gateway", options, metrics)
-        servicer = JobServicer(gateway)
+        # Set first thing in stop(): both fronts end their waits (streams, long polls) without cancelling.
+        self.stopping = threading.Event()
+        servicer = JobServicer(gateway, self.stopping)
         self.grpc.add_service(service_name(jobs_pb2, "JobService"),
                               lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s))
         self.http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -51,8 +53,8 @@ class GatewayProcess:
         self.http_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.http_socket.bind((host, http_port))
         self.http_port = self.http_socket.getsockname()[1]
-        config = uvicorn.Config(build_http_app(gateway, auth_token), log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10)
+        config = uvicorn.Config(build_http_app(gateway, auth_token, stopping=self.stopping), log_config=None,
+                                access_log=False, timeout_graceful_shutdown=10)
         self.http = uvicorn.Server(config)
         self._http_thread: threading.Thread | None = None
 
@@ -74,6 +76,9 @@ class GatewayProcess:
         log.info("gateway listening", extra={"http_port": self.http_port, "grpc_port": self.grpc.port})
 
     def stop(self) -> None:
+        """Graceful: waits in progress end at once with the job as it is (jobs run on, on the workers), so
+        both servers finish their in-flight calls well within their grace periods."""
+        self.stopping.set()
         self.http.should_exit = True
         if self._http_thread is not None:
             self._http_thread.join(timeout=15)
