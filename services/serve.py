@@ -34,8 +34,6 @@ from services.common.storage import ObjectStore, StorageConfig, StorageError
 
 if TYPE_CHECKING:
     import torch
-
-    from services.common.checkpoint import Checkpoint
 # torch and the checkpoint reader are imported when a server is built, not with this module: the CLI
 # imports it to declare `serve`'s options, and the gateway and worker commands must stay slim.
 
