@@ -135,6 +135,15 @@ def test_oversized_message_is_resource_exhausted(make_server):
     assert len(stub.Encode(REQUEST).features) == 2
 
 
+def test_garbage_request_bytes_are_invalid_argument(vit_server):
+    # A raw channel sends bytes that do not parse as ViTEncodeRequest; gRPC alone would answer INTERNAL.
+    raw = vit_server.channel.unary_unary("/bagel.v1.ViTService/Encode", request_serializer=None,
+                                         response_deserializer=None)
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, raw, b"\xff\xff\xff", timeout=10,
+                  match="not a valid message for /bagel.v1.ViTService/Encode")
+    assert len(vit_pb2_grpc.ViTServiceStub(vit_server.channel).Encode(REQUEST).features) == 2
+
+
 def test_concurrency_limit_and_metrics(make_server):
     gate, port = Gate(), free_port()
     s = make_server("vit", max_concurrency=1, metrics_port=port, extra_handlers=[gate.handler()])

@@ -3,7 +3,8 @@
     Observe      request id, metrics by method and code, one JSON log line per RPC
     Auth         `authorization: Bearer <token>` (health checks exempt) -> UNAUTHENTICATED
     Limit        at most N admitted RPCs (cheap probes exempt) -> RESOURCE_EXHAUSTED beyond
-    Errors       engine/input exceptions -> a gRPC status with a readable message (errors.STATUS_TABLE)
+    Errors       engine/input exceptions -> a gRPC status with a readable message (errors.STATUS_TABLE);
+                 a request body that does not parse as the method's message -> INVALID_ARGUMENT
 
 Each wraps the method's behaviour in a guard (a context manager around the call, or around the whole
 iteration for streaming responses), so servicers stay free of this plumbing.
@@ -20,6 +21,7 @@ from typing import Callable, ContextManager
 
 import grpc
 
+from services.common.contracts import InputError
 from services.common.rpc.deadlines import time_remaining
 from services.common.rpc.errors import status_for
 from services.common.rpc.logs import (REQUEST_ID_KEY, current_request_id, new_request_id, reset_request_id,
@@ -176,9 +178,60 @@ class LimitInterceptor(grpc.ServerInterceptor):
         return wrap(handler, admit)
 
 
+class MalformedRequest(InputError):
+    """The request's bytes are not a valid message of the method's request type."""
+
+
+class _Undecodable:
+    """What the tolerant deserializer hands on in place of a request it could not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize):
+    # gRPC deserializes before any handler runs and answers INTERNAL when the deserializer raises, so the
+    # failure is passed on as a value and refused inside the interceptors (logged, counted, INVALID_ARGUMENT).
+    if deserialize is None:
+        return None
+
+    def run(data):
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, or whatever a custom deserializer raises
+            return _Undecodable(e)
+    return run
+
+
+def refuse_undecodable(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+    """The same handler, raising MalformedRequest (INVALID_ARGUMENT) for a request body that does not parse."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+
+    def check(request):
+        if isinstance(request, _Undecodable):
+            raise MalformedRequest(f"the request body is not a valid message for {method}: {request.error}")
+        return request
+
+    def checked(behavior):
+        if handler.request_streaming:
+            return lambda requests, context: behavior((check(r) for r in requests), context)
+        return lambda request, context: behavior(check(request), context)
+
+    kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
+              response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(checked(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(checked(handler.stream_stream), **kw)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        handler = refuse_undecodable(continuation(details), details.method)
 
         @contextmanager
         def translate(context):
