@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from services.common.contracts import InputError
 
@@ -94,6 +94,9 @@ def _image_errors() -> Iterator[None]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image is too large to decode safely: {e}") from e
+    except UnidentifiedImageError as e:
+        # PIL's own message names the BytesIO we wrapped the data in, heap address included: not for clients.
+        raise ImageError(f"cannot decode image: not a readable image ({', '.join(ALLOWED_FORMATS)})") from e
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, zlib.error, ...)
         raise ImageError(f"cannot decode image: {e}") from e
 

@@ -96,8 +96,14 @@ def test_load_png_bytes_and_path(tmp_path):
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all", np.random.default_rng(0).bytes(4096)])
 def test_garbage_is_refused(data):
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError) as info:
         load_image(data)
+    assert "0x" not in str(info.value)  # PIL's own message shows the BytesIO's heap address
+
+
+def test_unreadable_image_message_names_the_formats():
+    with pytest.raises(ImageError, match=r"cannot decode image: not a readable image \(PNG, JPEG"):
+        load_image(b"not an image at all")
 
 
 def test_truncated_png_is_refused():

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.common.protos import common_pb2, vit_pb2, vit_pb2_grpc
 from services.common.rpc import State
+from services.common.rpc.interceptors import client_message
 from services.common.rpc.logs import JsonFormatter
 from services.dev.ports import free_port
 from services.vit import server as vit_server_module
@@ -142,6 +143,12 @@ def test_garbage_request_bytes_are_invalid_argument(vit_server):
     expect_status(grpc.StatusCode.INVALID_ARGUMENT, raw, b"\xff\xff\xff", timeout=10,
                   match="not a valid message for /bagel.v1.ViTService/Encode")
     assert len(vit_pb2_grpc.ViTServiceStub(vit_server.channel).Encode(REQUEST).features) == 2
+
+
+def test_client_messages_carry_no_heap_addresses():
+    assert client_message("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>") == \
+        "cannot identify image file <_io.BytesIO object>"
+    assert client_message("shape [1, 2] at 0 offset") == "shape [1, 2] at 0 offset"
 
 
 def test_concurrency_limit_and_metrics(make_server):

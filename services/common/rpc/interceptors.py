@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -38,6 +39,13 @@ CHEAP_METHODS = (HEALTH_PREFIX, REFLECTION_PREFIX, _KSERVE + "ServerLive", _KSER
                  _KSERVE + "ModelReady", _KSERVE + "ServerMetadata", _KSERVE + "ModelMetadata")
 
 Guard = Callable[[grpc.ServicerContext], ContextManager[None]]
+# A default object repr's address ("<_io.BytesIO object at 0x7f3a...>"): it tells a client about our heap.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def client_message(text: str) -> str:
+    """An error message fit to send: object addresses removed (a backstop; messages should not carry them)."""
+    return _ADDRESS.sub("", text)
 
 
 def wrap(handler: grpc.RpcMethodHandler | None, guard: Guard) -> grpc.RpcMethodHandler | None:
@@ -245,7 +253,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     log.exception("unexpected error in %s", details.method)
                     message = f"internal error (request id {current_request_id()})"
                 else:
-                    message = str(e) or type(e).__name__
+                    message = client_message(str(e) or type(e).__name__)
                 context.abort(code, message)
 
         return wrap(handler, translate)
