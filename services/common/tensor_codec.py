@@ -137,14 +137,18 @@ def check_declared(tensor: torch.Tensor, shape: Sequence[int], dtype: int, where
                                f"{_enum_name(enum_from_dtype(tensor.dtype))}")
 
 
-def expect(tensor: torch.Tensor, shape: Sequence[int | None], dtypes: Sequence[torch.dtype], where: str) -> None:
-    """Check a decoded tensor against what the consumer needs; None in `shape` accepts any size."""
+def expect(tensor: torch.Tensor, shape: Sequence[int | None], dtypes: Sequence[torch.dtype], where: str,
+           finite: bool = False) -> None:
+    """Check a decoded tensor against what the consumer needs; None in `shape` accepts any size. finite:
+    refuse NaN and inf (a model fed them answers NaN pixels, not an error)."""
     if tensor.dtype not in dtypes:
         raise TensorCodecError(f"{where}: dtype must be one of {[_enum_name(_ENUMS[d]) for d in dtypes]}, got "
                                f"{_enum_name(_ENUMS[tensor.dtype])}")
     want = ["*" if d is None else d for d in shape]
     if tensor.dim() != len(shape) or any(d is not None and d != s for d, s in zip(shape, tensor.shape)):
         raise TensorCodecError(f"{where}: shape must be {want}, got {list(tensor.shape)}")
+    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise TensorCodecError(f"{where}: values must be finite, found NaN or inf")
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -46,11 +46,11 @@ def context_items(msgs: Sequence[llm_pb2.ContextItem], cfg: BagelConfig, read_fe
             raise InputError(f"{where}.image: set `vit` (to ask about it) and/or `vae` (to edit it)")
         if image.HasField("vae"):
             latent = read_latent(image.vae, f"{where}.image.vae")
-            expect(latent, (cfg.latent_channels, None, None), FLOATS, f"{where}.image.vae")
+            expect(latent, (cfg.latent_channels, None, None), FLOATS, f"{where}.image.vae", finite=True)
             out.append(VAEImageItem(latent.float()))  # [z, H/8, W/8]
         if image.HasField("vit"):
             feats, grid = read_features(image.vit, f"{where}.image.vit")
-            expect(feats, (None, cfg.vit.hidden_size), FLOATS, f"{where}.image.vit")
+            expect(feats, (None, cfg.vit.hidden_size), FLOATS, f"{where}.image.vit", finite=True)
             out.append(ViTImageItem(feats.float(), grid))  # [h*w, vit_hidden]
     return out
 
@@ -63,7 +63,7 @@ def image_params(msg: llm_pb2.ImageParams, items: Sequence[ContextItem], cfg: Ba
     size = (latents[0].shape[2] * cfg.ae.downsample, latents[0].shape[1] * cfg.ae.downsample) if latents else None
     p = messages.image_params(msg, cfg, size, has_input_image=bool(latents))
     if noise is not None:
-        expect(noise, (None, cfg.patch_latent_dim), FLOATS, "params.noise")
+        expect(noise, (None, cfg.patch_latent_dim), FLOATS, "params.noise", finite=True)
         p.noise = noise.float()  # [h*w, 64]
         p.validate(cfg)
     return p

@@ -40,7 +40,7 @@ def prepare_image(image: Image.Image, resize: int) -> Image.Image:
 
 
 def check_latent(latent: torch.Tensor, z_channels: int, where: str) -> torch.Tensor:
-    expect(latent, (z_channels, None, None), LATENT_DTYPES, where)
+    expect(latent, (z_channels, None, None), LATENT_DTYPES, where, finite=True)
     h, w = latent.shape[1:]
     if not (0 < h <= MAX_SIDE // 8 and 0 < w <= MAX_SIDE // 8):
         raise ValueError(f"{where}: latent sides must be in [1, {MAX_SIDE // 8}], got {h}x{w}")

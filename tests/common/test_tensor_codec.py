@@ -66,3 +66,13 @@ def test_expect_checks_shape_and_dtype():
         expect(torch.zeros(16, 4), (16, None, None), (torch.float32,), "latent")
     with pytest.raises(TensorCodecError, match="DTYPE_INT32"):
         expect(t.int(), (16, None, None), (torch.float32,), "latent")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_expect_finite_refuses_nan_and_inf(bad):
+    t = torch.zeros(16, 4, 6, dtype=torch.bfloat16)
+    expect(t, (16, None, None), (torch.bfloat16,), "latent", finite=True)
+    t[0, 0, 0] = bad
+    expect(t, (16, None, None), (torch.bfloat16,), "latent")  # off unless asked for
+    with pytest.raises(TensorCodecError, match="latent: values must be finite"):
+        expect(t, (16, None, None), (torch.bfloat16,), "latent", finite=True)

@@ -299,6 +299,8 @@ BAD_IMAGE_REQUESTS = {
                      "cfg_interval"),
     "noise shape": (image_request(), dict(noise=common_pb2.TensorSource(inline=tensor_to_message(torch.zeros(3, 64)))),
                     CODE.INVALID_ARGUMENT, "noise"),
+    "inf noise": (image_request(), dict(noise=common_pb2.TensorSource(inline=tensor_to_message(
+        torch.full((4, 64), float("inf"))))), CODE.INVALID_ARGUMENT, "params.noise: values must be finite"),
 }
 
 
@@ -329,6 +331,10 @@ BAD_ITEMS = {
         inline=tensor_to_message(torch.zeros(16, 4, 4, dtype=torch.int32)))))], CODE.INVALID_ARGUMENT, "dtype"),
     "latent channels": ([llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=common_pb2.Latent(
         inline=tensor_to_message(torch.zeros(8, 4, 4)))))], CODE.INVALID_ARGUMENT, "shape must be"),
+    "nan latent": ([llm_pb2.ContextItem(image=llm_pb2.ImageItem(vae=common_pb2.Latent(
+        inline=tensor_to_message(torch.full((16, 4, 4), float("nan"))))))], CODE.INVALID_ARGUMENT, "finite"),
+    "inf features": ([_vit_msg(inline=tensor_to_message(torch.full((4, 48), float("-inf"))),
+                               grid=common_pb2.PatchGrid(rows=2, cols=2))], CODE.INVALID_ARGUMENT, "finite"),
     "raw bytes short": ([_vit_msg(inline=common_pb2.Tensor(shape=[4, 48], dtype=common_pb2.DTYPE_FLOAT32, data=b"x"),
                                   grid=common_pb2.PatchGrid(rows=2, cols=2))], CODE.INVALID_ARGUMENT, "bytes"),
 }

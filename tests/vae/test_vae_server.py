@@ -94,6 +94,10 @@ def test_bad_latents_are_invalid_argument(stub, store):
     expect_status(bad, stub.Decode, _decode(wrong_shape), match="shape must be [16, '*', '*'], got [3, 4, 4]")
     too_big = common_pb2.Latent(inline=tensor_to_message(torch.zeros(16, 4, 200)))
     expect_status(bad, stub.Decode, _decode(too_big), match="latent sides")
+    nan = torch.zeros(16, 4, 4)
+    nan[3, 1, 2] = float("nan")  # one NaN is enough to make the whole image NaN
+    expect_status(bad, stub.Decode, _decode(common_pb2.Latent(inline=tensor_to_message(nan))),
+                  match="inputs[0].latent: values must be finite")
     short = common_pb2.Latent(inline=common_pb2.Tensor(shape=[16, 4, 4], dtype=common_pb2.DTYPE_FLOAT32,
                                                        data=b"\0" * 10))
     expect_status(bad, stub.Decode, _decode(short), match="needs 1024 bytes, got 10")
