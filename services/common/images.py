@@ -9,13 +9,15 @@ from __future__ import annotations
 import io
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.contracts import InputError
+from services.common.settings import EnvSettings, setting
 
 # Default limits for untrusted input. 32 MiB covers any reasonable photo in a compressed format;
 # 64 megapixels (about 192 MiB once decoded to RGB) is far above the largest size the models use
@@ -32,25 +34,46 @@ VIT_RESIZE = (980, 224, 14)
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
 
+# EXIF orientation tag values that turn the stored pixels by 90 or 270 degrees (width and height swap).
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+
 class ImageError(InputError):
     """Bad image input: unreadable, too large, or an invalid size."""
 
 
+@dataclass(frozen=True)
+class ImageSettings(EnvSettings):
+    """How every process that decodes or sizes input images reads them; the gateway and the ViT and VAE
+    servers must agree, or an edit's planned size and its latent differ."""
+    # Turn images upright per their EXIF Orientation tag (phone photos). Off: the reference ignores the tag.
+    exif_transpose: bool = setting("BAGEL_EXIF_TRANSPOSE", False)
+
+
 def load_image(data: bytes | str | Path, max_bytes: int = MAX_IMAGE_BYTES,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode encoded image bytes, or a file path, into an RGB PIL image."""
+               max_pixels: int = MAX_IMAGE_PIXELS, exif_transpose: bool = False) -> Image.Image:
+    """Decode encoded image bytes, or a file path, into an RGB PIL image; exif_transpose: turned upright
+    per its EXIF Orientation tag (off by default, as the reference preprocessing ignores it)."""
     with _image_errors():
         img = _open(_read(data, max_bytes), max_pixels)
         img.load()
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
 
 
 def image_size(data: bytes | str | Path, max_bytes: int = MAX_IMAGE_BYTES,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+               max_pixels: int = MAX_IMAGE_PIXELS, exif_transpose: bool = False) -> tuple[int, int]:
     """(width, height) from the header alone, refused exactly as load_image would refuse the file's bytes,
-    format and size; no pixel is decoded (what the gateway needs to plan a job)."""
+    format and size; no pixel is decoded (what the gateway needs to plan a job). exif_transpose: the size
+    load_image(..., exif_transpose=True) gives."""
     with _image_errors():
-        return _open(_read(data, max_bytes), max_pixels).size
+        img = _open(_read(data, max_bytes), max_pixels)
+        w, h = img.size
+        if exif_transpose and img.getexif().get(_EXIF_ORIENTATION) in _SWAPS_SIDES:
+            return h, w
+        return w, h
 
 
 def _read(data: bytes | str | Path, max_bytes: int) -> bytes:

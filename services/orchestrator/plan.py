@@ -16,7 +16,7 @@ from PIL import Image
 from services.common.config import BagelConfig, preset
 from services.common.contracts import (ANSWER_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S, THINK_TOKENS, ImageParams,
                                        InputError, SessionRef, TextParams, messages)
-from services.common.images import image_size, load_image, vae_size, vit_size
+from services.common.images import ImageSettings, image_size, load_image, vae_size, vit_size
 from services.common.protos import jobs_pb2, llm_pb2
 from services.common.storage import check_key
 from services.common.tokenizer import BagelTokenizer, packaged_tokenizer_dir
@@ -114,8 +114,9 @@ def plan_job(req: jobs_pb2.SubmitJobRequest, image_bytes: bytes | None,
     `decode=False` (the gateway) the image is checked and sized from its header only and `image` is None:
     every rule needs only the size, and a 64-megapixel input would cost hundreds of MiB decoded."""
     check_request(req)
-    vae_wh = vae_size(*image_size(image_bytes)) if image_bytes is not None else None
-    image = load_image(image_bytes) if image_bytes is not None and decode else None
+    exif = ImageSettings.from_env().exif_transpose  # as the ViT and VAE servers read it: the same sizes
+    vae_wh = vae_size(*image_size(image_bytes, exif_transpose=exif)) if image_bytes is not None else None
+    image = load_image(image_bytes, exif_transpose=exif) if image_bytes is not None and decode else None
     tokens = check_context(req, vae_wh, cfg)
     name = WORKFLOW_NAMES[req.workflow]
     session = SessionRef(req.session_id, req.session_ttl_seconds, req.session_resume) if req.session_id else None

@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
-from services.common.images import VAE_RESIZE, load_image, vae_resize
+from services.common.images import ImageSettings, VAE_RESIZE, load_image, vae_resize
 from services.common.kserve import add_kserve, KServeModel, KServeServicer, SERVICE_NAME as KSERVE_SERVICE, TensorSpec
 from services.common.protos import common_pb2, service_name, vae_pb2, vae_pb2_grpc
 from services.common.rpc import ModelServer, ServerOptions
@@ -103,13 +103,14 @@ def kserve_models(server: ModelServer, cfg: BagelConfig) -> list[KServeModel]:
     """flux_vae_encode: IMAGE (BYTES [1]) -> LATENT (FP32 [z, H/8, W/8]); parameter resize="none" skips
     the official resize. flux_vae_decode: LATENT (FP32 [z, h, w]) -> IMAGE (UINT8 [8h, 8w, 3])."""
     slot, metrics, z = server.slot, server.metrics, cfg.ae.z_channels
+    exif_transpose = ImageSettings.from_env().exif_transpose
 
     def encode(inputs, parameters, context):
         resize = {"official": vae_pb2.RESIZE_OFFICIAL, "none": vae_pb2.RESIZE_NONE}.get(
             str(parameters.get("resize", "official")))
         if resize is None:
             raise ValueError(f"parameter resize must be 'official' or 'none', got {parameters.get('resize')!r}")
-        image = prepare_image(load_image(inputs["IMAGE"].reshape(-1)[0]), resize)
+        image = prepare_image(load_image(inputs["IMAGE"].reshape(-1)[0], exif_transpose=exif_transpose), resize)
         check_active(context)
         with slot.use(context) as engine:
             latent = engine.encode(image).latent

@@ -11,7 +11,7 @@ import torch
 
 from services.common.checkpoint import Checkpoint
 from services.common.config import BagelConfig
-from services.common.images import VIT_RESIZE, load_image, resize_size
+from services.common.images import ImageSettings, VIT_RESIZE, load_image, resize_size
 from services.common.kserve import add_kserve, KServeModel, KServeServicer, SERVICE_NAME as KSERVE_SERVICE, TensorSpec
 from services.common.protos import common_pb2, service_name, vit_pb2, vit_pb2_grpc
 from services.common.rpc import ModelServer, ServerOptions
@@ -87,9 +87,10 @@ class ViTServicer(vit_pb2_grpc.ViTServiceServicer):
 def kserve_model(server: ModelServer, cfg: BagelConfig) -> KServeModel:
     """"siglip_vit": IMAGE (BYTES [1], an encoded image) -> FEATURES (FP32 [N, hidden]), GRID (INT32 [2])."""
     slot, metrics = server.slot, server.metrics
+    exif_transpose = ImageSettings.from_env().exif_transpose
 
     def infer(inputs, parameters, context):
-        image = load_image(inputs["IMAGE"].reshape(-1)[0])
+        image = load_image(inputs["IMAGE"].reshape(-1)[0], exif_transpose=exif_transpose)
         check_active(context)
         with slot.use(context) as engine:
             (item,) = engine.encode([image])

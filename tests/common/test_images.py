@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.images import (ImageError, load_image, resize_image, resize_size, VAE_RESIZE, vae_resize,
-                                    VIT_RESIZE, vit_resize)
+from services.common.images import (ImageError, ImageSettings, image_size, load_image, resize_image, resize_size,
+                                    VAE_RESIZE, vae_resize, VIT_RESIZE, vit_resize)
 from services.common.tensor_codec import to_tensor
 
 
@@ -190,3 +190,31 @@ def test_to_tensor_range_and_layout():
     assert x[:, 0, 0].tolist() == pytest.approx([-1.0, 128 / 255 * 2 - 1, 1.0], abs=1e-6)
     assert x[:, 0, 1].tolist() == [1.0, -1.0, -1.0]
     assert x.min() >= -1 and x.max() <= 1
+
+
+def _with_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_only_when_asked():
+    src = Image.new("RGB", (40, 20), (255, 255, 255))
+    src.paste((255, 0, 0), (0, 0, 10, 10))  # a red mark in the top-left corner
+    data = _with_orientation(src, 6)  # 6: the viewer turns it 90 degrees clockwise
+    plain = load_image(data)
+    assert plain.size == (40, 20) and plain.getpixel((2, 2))[0] > 200 > plain.getpixel((2, 2))[1]
+    upright = load_image(data, exif_transpose=True)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((17, 2))[0] > 200 > upright.getpixel((17, 2))[1]  # the mark is now top-right
+    assert min(upright.getpixel((2, 2))) > 200  # and top-left is white
+    assert image_size(data) == (40, 20) and image_size(data, exif_transpose=True) == (20, 40)
+    assert image_size(_with_orientation(src, 3), exif_transpose=True) == (40, 20)  # 180 degrees: sides kept
+
+
+def test_exif_transpose_setting(monkeypatch):
+    assert not ImageSettings.from_env().exif_transpose  # off by default, as the reference
+    monkeypatch.setenv("BAGEL_EXIF_TRANSPOSE", "1")
+    assert ImageSettings.from_env().exif_transpose

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from services.common.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, load_image
+from services.common.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ImageSettings, load_image
 from services.common.protos import common_pb2
 from services.common.contracts import TooLarge
 from services.common.rpc.logs import current_request_id
@@ -26,9 +26,10 @@ class InputImage:
 
 class Payloads:
     def __init__(self, store: ObjectStore | None, max_image_bytes: int = MAX_IMAGE_BYTES,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, exif_transpose: bool | None = None):
         self.store = store
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+        self.exif_transpose = ImageSettings.from_env().exif_transpose if exif_transpose is None else exif_transpose
 
     def _store(self) -> ObjectStore:
         if self.store is None:
@@ -46,7 +47,7 @@ class Payloads:
         else:
             raise ImageError(f"{where}: no image given (set `encoded` or `object`)")
         try:
-            return InputImage(load_image(data, self.max_image_bytes, self.max_image_pixels), data)
+            return InputImage(load_image(data, self.max_image_bytes, self.max_image_pixels, self.exif_transpose), data)
         except ImageError as e:
             raise ImageError(f"{where}: {e}") from None
 
