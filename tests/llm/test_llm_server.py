@@ -357,6 +357,8 @@ def test_bad_text_requests(stub):
     expect_status(CODE.INVALID_ARGUMENT, stub.DeleteSession, llm_pb2.DeleteSessionRequest(session_id=""))
     expect_status(CODE.INVALID_ARGUMENT, lambda: list(stub.GenerateImage(image_request(output_key="../x"),
                                                                          timeout=10)), match="object key")
+    outside = image_request(output_key="jobs/someone-else/latents/x.safetensors", job_id="mine")
+    expect_status(CODE.INVALID_ARGUMENT, lambda: list(stub.GenerateImage(outside, timeout=10)), match="job prefix")
 
 
 @pytest.mark.servers  # starts its own LLM server
