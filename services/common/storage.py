@@ -5,9 +5,13 @@ Keys are chosen so that a retried request writes the same object again instead o
     jobs/{job_id}/{kind}/{digest}.{ext}          the caller named a job (the orchestrator always does)
     requests/{request_id}/{kind}/{digest}.{ext}  otherwise; a client retrying with the same x-request-id
                                                  gets the same keys
+    uploads/...                                  inputs clients (or operators' tooling) put in the bucket;
+                                                 the only place a job's `image_key` may name
 
 `digest` hashes the step's input (image bytes, latent bytes) and its parameters, so the same input in
-the same job maps to one object, and two inputs never share one. A caller may also name a key itself.
+the same job maps to one object, and two inputs never share one. A caller may also name a key itself,
+under its own job's prefix (check_output_key). Model servers read inputs only from these namespaces
+(check_input_key).
 """
 
 from __future__ import annotations
@@ -111,6 +115,35 @@ def check_key(key: str) -> str:
     return key
 
 
+# Where client inputs live: a job's `image_key` must lie here, so a client can never make the gateway read
+# another job's objects (jobs/...) or anything else in the bucket.
+UPLOADS_PREFIX = "uploads/"
+# What model servers may read by reference: objects this deployment's own pipeline wrote (jobs/, and
+# requests/ for direct calls without a job) and client uploads. Anything else in the bucket is not theirs.
+READABLE_PREFIXES = ("jobs/", "requests/", UPLOADS_PREFIX)
+
+
+def check_input_key(key: str) -> str:
+    """`key` if a model server may read it (a valid key under READABLE_PREFIXES), else BadObjectKey."""
+    check_key(key)
+    if not key.startswith(READABLE_PREFIXES):
+        raise BadObjectKey(f"object key {key!r} is not readable here: inputs must lie under "
+                           + ", ".join(READABLE_PREFIXES))
+    return key
+
+
+def check_output_key(key: str, job_id: str) -> str:
+    """An output key a caller named: it must lie under its own job's prefix, so a direct call cannot
+    overwrite another job's objects (or anything outside jobs/). The job id is the caller's capability."""
+    check_key(key)
+    if not job_id:
+        raise BadObjectKey("output_key needs a job_id: a named key must lie under jobs/{job_id}/")
+    prefix = job_prefix(job_id)
+    if not key.startswith(prefix) or key == prefix:
+        raise BadObjectKey(f"output_key {key!r} must lie under this request's job prefix {prefix!r}")
+    return key
+
+
 def digest(*parts: bytes | str) -> str:
     """A short content hash of a step's inputs and parameters (32 hex chars = 128 bits)."""
     h = hashlib.sha256()
@@ -123,6 +156,9 @@ def digest(*parts: bytes | str) -> str:
 
 def job_prefix(job_id: str) -> str:
     """The folder of everything a job stores (input, features, latents, output)."""
+    # One path segment: a job id with '/' could name a folder inside another job's.
+    if not job_id or "/" in job_id:
+        raise BadObjectKey(f"job id {job_id!r} must be non-empty and contain no '/'")
     return f"jobs/{job_id}/"
 
 
@@ -279,5 +315,5 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 __all__ = ["StorageConfig", "ObjectStore", "StorageError", "ObjectNotFound", "StorageNotConfigured",
-           "BadObjectKey", "BucketNotAllowed", "check_key", "digest", "job_prefix", "output_key", "encode_png",
-           "MAX_OBJECT_BYTES", "MIN_PRESIGN_S", "MAX_PRESIGN_S"]
+           "BadObjectKey", "BucketNotAllowed", "check_key", "check_input_key", "check_output_key", "digest", "job_prefix", "output_key", "encode_png",
+           "MAX_OBJECT_BYTES", "UPLOADS_PREFIX", "READABLE_PREFIXES", "MIN_PRESIGN_S", "MAX_PRESIGN_S"]

@@ -33,7 +33,7 @@ from services.common.contracts import (ANSWER_TOKENS, MAX_SESSION_ID, MAX_SESSIO
                                        THINK_TOKENS)
 from services.common.rpc.payloads import OBJECT, BOTH, Payloads
 from services.common.settings import EnvSettings, setting
-from services.common.storage import ObjectStore, check_key, digest
+from services.common.storage import ObjectStore, check_output_key, digest
 from services.llm import convert
 from services.attention import get_backend
 from services.llm.engine import CFGContexts, LLMEngine
@@ -245,7 +245,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         think_params = messages.text_params(request.think_params, THINK_TOKENS)
         delivery = self.payloads.delivery(request.delivery)  # refuses object delivery without storage
         if request.output_key:
-            check_key(request.output_key)  # a bad key fails now, not after the generation
+            check_output_key(request.output_key, request.job_id)  # a bad key fails now, not after the generation
         relay = Relay(context, self.metrics)
         session = self._acquire(rt, request.session)
         turn = f"{session.id}#{session.turns}" if session is not None else ""

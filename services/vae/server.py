@@ -17,7 +17,7 @@ from services.common.kserve import add_kserve, KServeModel, KServeServicer, SERV
 from services.common.protos import common_pb2, service_name, vae_pb2, vae_pb2_grpc
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import check_active
-from services.common.rpc.payloads import BOTH, INLINE, OBJECT, Payloads, check_count
+from services.common.rpc.payloads import BOTH, INLINE, OBJECT, Payloads, check_count, check_output_keys
 from services.common.storage import ObjectStore, digest, encode_png
 from services.common.tensor_codec import expect, tensor_to_safetensors
 from services.vae.engine import VAEEngine, check_image_size
@@ -59,6 +59,7 @@ class VAEServicer(vae_pb2_grpc.VAEServiceServicer):
 
     def Encode(self, request, context):
         check_count(request.inputs, self.max_items, "inputs")
+        check_output_keys(request.inputs, request.job_id)
         delivery = self.payloads.delivery(request.delivery)
         response = vae_pb2.VAEEncodeResponse()
         for i, inp in enumerate(request.inputs):  # one forward each: sizes differ
@@ -79,6 +80,7 @@ class VAEServicer(vae_pb2_grpc.VAEServiceServicer):
 
     def Decode(self, request, context):
         check_count(request.inputs, self.max_items, "inputs")
+        check_output_keys(request.inputs, request.job_id)
         delivery = self.payloads.delivery(request.delivery)
         latents = [check_latent(self.payloads.latent(inp.latent, f"inputs[{i}].latent"), self.z_channels,
                                 f"inputs[{i}].latent") for i, inp in enumerate(request.inputs)]

@@ -17,7 +17,7 @@ from services.common.protos import common_pb2, service_name, vit_pb2, vit_pb2_gr
 from services.common.rpc import ModelServer, ServerOptions
 from services.common.rpc.deadlines import check_active
 from services.common.contracts import TooLarge
-from services.common.rpc.payloads import InputImage, Payloads, check_count
+from services.common.rpc.payloads import InputImage, Payloads, check_count, check_output_keys
 from services.common.storage import ObjectStore, digest
 from services.vit.engine import ViTEngine
 
@@ -46,6 +46,7 @@ class ViTServicer(vit_pb2_grpc.ViTServiceServicer):
 
     def Encode(self, request, context):
         check_count(request.inputs, self.max_images, "inputs")
+        check_output_keys(request.inputs, request.job_id)
         if request.output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be DTYPE_FLOAT32 or DTYPE_BFLOAT16, got "
                              f"{common_pb2.DType.Name(request.output_dtype)}")

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load
 
 from services.common.storage import (BadObjectKey, BucketNotAllowed, ObjectNotFound, ObjectStore, StorageConfig,
-                                     StorageError, check_key, digest, encode_png, output_key)
+                                     StorageError, check_input_key, check_key, check_output_key, digest, encode_png,
+                                     job_prefix, output_key)
 from service_helpers import decode_png
 
 
@@ -65,6 +66,22 @@ def test_output_keys_are_predictable():
     assert output_key("images", d, "png", request_id="r9") == f"requests/r9/images/{d}.png"
     with pytest.raises(BadObjectKey):
         output_key("images", d, "png")
+
+
+def test_named_output_keys_stay_in_their_job_and_inputs_in_known_namespaces():
+    assert check_output_key("jobs/j1/mine.safetensors", "j1") == "jobs/j1/mine.safetensors"
+    for key, job_id in [("jobs/j2/theirs.png", "j1"), ("jobs/j10/x.png", "j1"), ("uploads/x.png", "j1"),
+                        ("jobs/j1/", "j1"), ("jobs/j1/x.png", "")]:
+        with pytest.raises(BadObjectKey):
+            check_output_key(key, job_id)
+    for job_id in ("", "j1/sub"):  # a '/' would reach into a folder of another job
+        with pytest.raises(BadObjectKey):
+            job_prefix(job_id)
+    for key in ("jobs/j1/a.safetensors", "requests/r1/a.safetensors", "uploads/u/cat.png"):
+        assert check_input_key(key) == key
+    for key in ("secrets/x", "job/x", "uploadsx/y", "../jobs/x"):
+        with pytest.raises(BadObjectKey):
+            check_input_key(key)
 
 
 def test_config_from_env():

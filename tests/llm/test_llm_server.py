@@ -110,8 +110,8 @@ def health(channel, service=""):
 # ---- GenerateText --------------------------------------------------------------------------------
 def test_generate_text_streams_deltas_then_the_engines_answer(stub, store, llm):
     vit = vit_item(0)
-    store.put_tensor("tests/llm/features-0.safetensors", vit.features)
-    features = common_pb2.ViTFeatures(ref=common_pb2.TensorRef(key="tests/llm/features-0.safetensors"),
+    store.put_tensor("uploads/tests/llm/features-0.safetensors", vit.features)
+    features = common_pb2.ViTFeatures(ref=common_pb2.TensorRef(key="uploads/tests/llm/features-0.safetensors"),
                                       grid=common_pb2.PatchGrid(rows=2, cols=2))
     req = llm_pb2.GenerateTextRequest(items=[llm_pb2.ContextItem(image=llm_pb2.ImageItem(vit=features)),
                                              text("what is in the picture?")],
@@ -164,8 +164,8 @@ def test_text_to_image_streams_progress_and_stores_the_engines_latent(stub, stor
 
 def test_edit_with_a_vae_and_vit_image_takes_edit_defaults(stub, store, llm):
     lat, vit = latent(3), vit_item(4)
-    store.put_tensor("tests/llm/latent-3.safetensors", lat)
-    image = llm_pb2.ImageItem(vae=common_pb2.Latent(ref=common_pb2.TensorRef(key="tests/llm/latent-3.safetensors")),
+    store.put_tensor("uploads/tests/llm/latent-3.safetensors", lat)
+    image = llm_pb2.ImageItem(vae=common_pb2.Latent(ref=common_pb2.TensorRef(key="uploads/tests/llm/latent-3.safetensors")),
                               vit=common_pb2.ViTFeatures(inline=tensor_to_message(vit.features),
                                                          grid=common_pb2.PatchGrid(rows=2, cols=2)))
     # no preset, no size: a latent in the context means EDIT defaults at the input's size (32x32)
@@ -363,6 +363,8 @@ def test_bad_text_requests(stub):
     expect_status(CODE.INVALID_ARGUMENT, stub.DeleteSession, llm_pb2.DeleteSessionRequest(session_id=""))
     expect_status(CODE.INVALID_ARGUMENT, lambda: list(stub.GenerateImage(image_request(output_key="../x"),
                                                                          timeout=10)), match="object key")
+    outside = image_request(output_key="jobs/someone-else/latents/x.safetensors", job_id="mine")
+    expect_status(CODE.INVALID_ARGUMENT, lambda: list(stub.GenerateImage(outside, timeout=10)), match="job prefix")
 
 
 @pytest.mark.servers  # starts its own LLM server

@@ -185,6 +185,31 @@ def test_an_image_already_in_the_bucket_is_taken_by_key(orch, store, clients):
     assert job["state"] == "JOB_STATE_SUCCEEDED" and job["result"]["text"] == want.text
 
 
+def test_image_key_reads_only_uploads_and_hides_which_other_keys_exist(orch, store):
+    # Another job's output exists; naming it must answer exactly like naming nothing at all.
+    first = orch.http.post("/v1/jobs", params={"wait": 60}, json={
+        "workflow": "understand", "image": b64(png_bytes(noise_image(16, 16, seed=2))), "prompt": "x",
+        "text_params": {"max_new_tokens": 1}}).json()
+    theirs = f"jobs/{first['id']}/output.png"
+    store.put_bytes(theirs, png_bytes(noise_image(16, 16, seed=3)))
+    store.put_bytes("elsewhere/cat.png", png_bytes(noise_image(16, 16, seed=3)))
+    before = job_keys(orch)
+
+    def submit(key):
+        return orch.http.post("/v1/jobs", json={"workflow": "edit", "image_key": key, "prompt": "x"})
+
+    missing = submit("uploads/nothing-here.png")
+    assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+    assert "no such input object" in missing.json()["message"]
+    for key in (theirs, "elsewhere/cat.png", f"jobs/{first['id']}/missing.png"):
+        r = submit(key)
+        assert (r.status_code, r.content) == (missing.status_code, missing.content), key
+    err = expect_status(grpc.StatusCode.NOT_FOUND, orch.stub.Submit, jobs_pb2.SubmitJobRequest(
+        workflow=jobs_pb2.WORKFLOW_EDIT, image_key=theirs, prompt="x"))
+    assert err.details() == missing.json()["message"]
+    assert store.exists(theirs) and job_keys(orch) == before  # it was there all along; nothing was accepted
+
+
 # ---- refusals: nothing accepted, a clear code ---------------------------------------------------------
 def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
     before = job_keys(orch)
@@ -205,7 +230,7 @@ def test_bad_requests_are_refused_before_a_job_exists(orch, monkeypatch):
          400, "context tokens"),
         ({"workflow": "paint", "prompt": "x"}, 400, "bad request body"),
         ({"workflow": "generate", "prompt": "x", "colour": "red"}, 400, "colour"),
-        ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "missing.png"),
+        ({"workflow": "edit", "image_key": "uploads/missing.png", "prompt": "x"}, 404, "no such input object"),
         ({"workflow": "edit", "image_key": "../etc/passwd", "prompt": "x"}, 400, "key"),
         ({"workflow": "generate", "prompt": "x", "deadline_seconds": 10 ** 7}, 400, "deadline_seconds"),
         # both image sources: the request is wrong whether or not the key exists (not 404)

@@ -110,6 +110,47 @@ def test_bad_latents_are_invalid_argument(stub, store):
     expect_status(grpc.StatusCode.NOT_FOUND, stub.Decode, _decode(missing), match="missing.safetensors")
 
 
+def test_named_output_keys_stay_under_the_requests_own_job(stub, store):
+    theirs = "jobs/job-vae-victim/latents/out.safetensors"
+    store.put_tensor(theirs, torch.ones(16, 4, 4))
+    before = store.get_bytes(theirs)
+
+    def encode(job_id, key):
+        return stub.Encode(vae_pb2.VAEEncodeRequest(
+            inputs=[_encode_input(SMALL[1], resize=vae_pb2.RESIZE_NONE),
+                    _encode_input(SMALL[1], resize=vae_pb2.RESIZE_NONE, output_key=key)],
+            delivery=common_pb2.DELIVERY_OBJECT, job_id=job_id))
+
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    for job_id, key in [("job-vae-attacker", theirs), ("", theirs), ("job-vae-attacker", "uploads/x.safetensors")]:
+        expect_status(bad, encode, job_id, key, match="output_key")
+    assert store.get_bytes(theirs) == before
+    assert store.keys("jobs/job-vae-attacker/") == []  # refused before any input was written
+    dec = vae_pb2.VAEDecodeRequest(inputs=[vae_pb2.VAEDecodeInput(latent=common_pb2.Latent(
+        inline=tensor_to_message(torch.zeros(16, 4, 4))), output_key="jobs/job-vae-victim/images/x.png")],
+        delivery=common_pb2.DELIVERY_OBJECT, job_id="job-vae-attacker")
+    expect_status(bad, stub.Decode, dec, match="output_key")
+
+    mine = "jobs/job-vae-own/latents/named.safetensors"
+    (_, lat) = encode("job-vae-own", mine).latents
+    assert lat.ref.key == mine and store.get_tensor(mine).shape == (16, 4, 4)
+
+
+def test_refs_outside_the_deployments_namespaces_are_not_read(stub, store):
+    store.put_tensor("private/l.safetensors", torch.zeros(16, 4, 4))
+    outside = common_pb2.Latent(ref=common_pb2.TensorRef(key="private/l.safetensors"))
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Decode, _decode(outside), match="not readable")
+    store.put_bytes("private/cat.png", png_bytes(SMALL[1]))
+    req = vae_pb2.VAEEncodeRequest(inputs=[vae_pb2.VAEEncodeInput(
+        image=common_pb2.ImageRef(object=common_pb2.ObjectRef(key="private/cat.png")))])
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Encode, req, match="not readable")
+    store.put_bytes("uploads/vae/cat.png", png_bytes(SMALL[1]))
+    req.inputs[0].image.object.key = "uploads/vae/cat.png"
+    req.inputs[0].resize = vae_pb2.RESIZE_NONE
+    req.delivery = common_pb2.DELIVERY_INLINE
+    assert stub.Encode(req).latents[0].size.width == 32
+
+
 def test_sizes_the_vae_cannot_take_are_refused_in_process_and_by_the_server(stub, vae_engine):
     with pytest.raises(ImageError, match="multiples of 16.*got 30x32"):
         vae_engine.encode(noise_image(30, 32))

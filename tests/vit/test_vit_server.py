@@ -50,12 +50,12 @@ def test_object_delivery_writes_safetensors_under_idempotent_keys(stub, store, v
 
 def test_both_deliveries_bf16_safetensors_and_explicit_key(stub, store):
     req = _request(IMAGES[0], delivery=common_pb2.DELIVERY_BOTH, output_dtype=common_pb2.DTYPE_BFLOAT16,
-                   inline_encoding=common_pb2.TENSOR_ENCODING_SAFETENSORS)
-    req.inputs[0].output_key = "custom/vit/feat-1.safetensors"
+                   inline_encoding=common_pb2.TENSOR_ENCODING_SAFETENSORS, job_id="job-vit-named")
+    req.inputs[0].output_key = "jobs/job-vit-named/custom/feat-1.safetensors"  # named keys stay in the job
     (f,) = stub.Encode(req).features
     inline = tensor_from_message(f.inline)
     assert inline.dtype == torch.bfloat16 and f.inline.encoding == common_pb2.TENSOR_ENCODING_SAFETENSORS
-    assert f.ref.key == "custom/vit/feat-1.safetensors" and f.ref.dtype == common_pb2.DTYPE_BFLOAT16
+    assert f.ref.key == "jobs/job-vit-named/custom/feat-1.safetensors" and f.ref.dtype == common_pb2.DTYPE_BFLOAT16
     assert torch.equal(store.get_tensor(f.ref.key), inline)
 
 
@@ -90,7 +90,7 @@ def test_bad_inputs_get_clear_statuses(stub):
         image=common_pb2.ImageRef(object=common_pb2.ObjectRef(key="uploads/nope.png")))])
     expect_status(grpc.StatusCode.NOT_FOUND, stub.Encode, missing, match="uploads/nope.png")
     other = vit_pb2.ViTEncodeRequest(inputs=[vit_pb2.ViTEncodeInput(
-        image=common_pb2.ImageRef(object=common_pb2.ObjectRef(bucket="elsewhere", key="a.png")))])
+        image=common_pb2.ImageRef(object=common_pb2.ObjectRef(bucket="elsewhere", key="uploads/a.png")))])
     expect_status(grpc.StatusCode.PERMISSION_DENIED, stub.Encode, other)
     bad_key = _request(IMAGES[0], delivery=common_pb2.DELIVERY_OBJECT)
     bad_key.inputs[0].output_key = "../escape"

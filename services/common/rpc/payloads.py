@@ -12,7 +12,8 @@ from services.common.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError
 from services.common.protos import common_pb2
 from services.common.contracts import TooLarge
 from services.common.rpc.logs import current_request_id
-from services.common.storage import ObjectStore, StorageNotConfigured, check_key, output_key
+from services.common.storage import (ObjectStore, StorageNotConfigured, check_input_key, check_output_key,
+                                     output_key)
 from services.common.tensor_codec import check_declared, enum_from_dtype, tensor_from_message, tensor_to_message
 
 INLINE, OBJECT, BOTH = common_pb2.DELIVERY_INLINE, common_pb2.DELIVERY_OBJECT, common_pb2.DELIVERY_BOTH
@@ -43,7 +44,8 @@ class Payloads:
         if which == "encoded":
             data = ref.encoded
         elif which == "object":
-            data = self._store().get_bytes(ref.object.key, ref.object.bucket, max_bytes=self.max_image_bytes)
+            data = self._store().get_bytes(check_input_key(ref.object.key), ref.object.bucket,
+                                           max_bytes=self.max_image_bytes)
         else:
             raise ImageError(f"{where}: no image given (set `encoded` or `object`)")
         try:
@@ -56,7 +58,7 @@ class Payloads:
         if inline is not None:
             return tensor_from_message(inline, where)
         if ref is not None and ref.key:
-            tensor = self._store().get_tensor(ref.key, ref.bucket)
+            tensor = self._store().get_tensor(check_input_key(ref.key), ref.bucket)
             check_declared(tensor, ref.shape, ref.dtype, f"{where} ({ref.key})", shape_given=len(ref.shape) > 0)
             return tensor
         raise ValueError(f"{where}: no tensor given (set `inline` or `ref`)")
@@ -89,7 +91,7 @@ class Payloads:
 
     def key(self, explicit: str, kind: str, name: str, ext: str, job_id: str) -> str:
         if explicit:
-            return check_key(explicit)
+            return check_output_key(explicit, job_id)  # never another job's objects
         return output_key(kind, name, ext, job_id=job_id, request_id=current_request_id() or "")
 
     def put_tensor(self, tensor: torch.Tensor, delivery: int, key: str,
@@ -113,3 +115,11 @@ def check_count(items, limit: int, what: str) -> None:
         raise ValueError(f"{what}: at least one is needed")
     if len(items) > limit:
         raise TooLarge(f"{what}: {len(items)} given; this server takes at most {limit} per request")
+
+
+def check_output_keys(inputs, job_id: str) -> None:
+    """Every named `output_key` of a request's inputs, before any work: a bad one must not leave the
+    earlier inputs' objects written."""
+    for inp in inputs:
+        if inp.output_key:
+            check_output_key(inp.output_key, job_id)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from services.common.contracts import InputError, NoOutput, QueueFull, SessionNotFound
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
-from services.common.storage import ObjectStore, StorageError, job_prefix
+from services.common.storage import UPLOADS_PREFIX, ObjectNotFound, ObjectStore, StorageError, job_prefix
 from services.orchestrator.jobs import AsyncJobReader, JobStore
 from services.orchestrator.metrics import GatewayMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_request, check_session_id, plan_job
@@ -104,7 +104,7 @@ class Gateway:
         check_request(req)  # the request's own fields first: a bad one is refused before the store is read
         image = req.image or None
         if req.image_key:
-            image = self.store.get_bytes(req.image_key, max_bytes=MAX_IMAGE_BYTES)  # NOT_FOUND if missing
+            image = self._read_upload(req.image_key)
         # every check the worker will make, before anything is accepted; the image is read from its header
         # only (the worker decodes it)
         plan = plan_job(req, image, decode=False)
@@ -129,6 +129,17 @@ class Gateway:
         log.info("job accepted", extra={"job_id": created.job.id,
                                         "workflow": jobs_pb2.Workflow.Name(req.workflow)})
         return created.job, True, plan
+
+    def _read_upload(self, key: str) -> bytes:
+        """The client's input object. Only keys under UPLOADS_PREFIX are read, and a key elsewhere gets the
+        very answer of a missing one: a caller can neither read other jobs' objects nor learn which exist."""
+        not_found = ObjectNotFound(f"image_key: no such input object (inputs are read from {UPLOADS_PREFIX}...)")
+        if not key.startswith(UPLOADS_PREFIX):
+            raise not_found
+        try:
+            return self.store.get_bytes(key, max_bytes=MAX_IMAGE_BYTES)
+        except ObjectNotFound:
+            raise not_found from None
 
     def get(self, job_id: str, inline_image: bool = False) -> jobs_pb2.Job:
         return self._with_image(self.jobs.get(job_id), inline_image)
