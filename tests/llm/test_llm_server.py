@@ -321,7 +321,7 @@ BAD_ITEMS = {
     "empty image": ([llm_pb2.ContextItem(image=llm_pb2.ImageItem())], CODE.INVALID_ARGUMENT, "set `vit`"),
     "missing object": ([_vit_msg(ref=common_pb2.TensorRef(key="jobs/none/features/missing.safetensors"),
                                  grid=common_pb2.PatchGrid(rows=2, cols=2))], CODE.NOT_FOUND, "not found"),
-    "other bucket": ([_vit_msg(ref=common_pb2.TensorRef(bucket="elsewhere", key="a.safetensors"),
+    "other bucket": ([_vit_msg(ref=common_pb2.TensorRef(bucket="elsewhere", key="uploads/a.safetensors"),
                                grid=common_pb2.PatchGrid(rows=2, cols=2))], CODE.PERMISSION_DENIED, "elsewhere"),
     "grid mismatch": ([_vit_msg(inline=tensor_to_message(torch.zeros(4, 48)),
                                 grid=common_pb2.PatchGrid(rows=3, cols=2))], CODE.INVALID_ARGUMENT, "patch grid"),
