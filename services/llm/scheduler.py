@@ -6,6 +6,12 @@ A request is the engine's step generator (`understand_steps`, `generate_image_st
 runs its context building, then the loop feeds it the results of its units. Cancellation (the
 request's `Controls.cancel`, set by a client cancel or a deadline) takes effect between two steps:
 the generator raises `Cancelled` at its next check and its `finally` blocks free its KV blocks.
+
+Shared forwards change a request's floating-point reduction order with whatever else is running, so
+its result may differ in the last bit from a solo run. `batch_invariant=True` trades throughput for
+reproducibility: each request's unit runs in a forward of its own (its CFG branches still batched
+together, exactly as `LLMEngine.drive` runs a request alone), so a result never depends on the batch.
+Requests still advance together, one step each per iteration.
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ def unit_tokens(unit: Unit) -> int:
 
 class Scheduler:
     def __init__(self, engine: LLMEngine, max_batch_tokens: int = 32768,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, batch_invariant: bool = False):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
-        self.on_batch = on_batch  # called with the number of requests in each batched iteration
+        self.on_batch = on_batch  # called with the number of requests sharing each forward of units
+        self.batch_invariant = batch_invariant  # one forward per request: results as in a solo run
         self._incoming: queue.Queue[_Request] = queue.Queue()
         self._active: list[_Request] = []
         self._closed = threading.Event()
@@ -100,19 +107,25 @@ class Scheduler:
             if not self._active:
                 continue
             batch = self._pick_batch()
-            try:
-                results = self.engine.run_units([r.unit for r in batch])
-            except Exception as e:  # a failed forward fails the requests in it, not the server
-                log.exception("batched step failed")
-                for r in batch:
-                    self._finish(r, error=e)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            for r, result in zip(batch, results):
-                self._advance(r, result)
+            # Invariant mode: every request of the iteration alone, in the same call a solo run makes.
+            for group in ([r] for r in batch) if self.batch_invariant else [batch]:
+                self._run(group)
             # round robin: requests left out of this batch go first next time
             self._active = [r for r in self._active if r not in batch] + [r for r in batch if r in self._active]
+
+    def _run(self, group: list[_Request]) -> None:
+        """One forward of units (per unit kind) for the requests of `group`, then advance each of them."""
+        try:
+            results = self.engine.run_units([r.unit for r in group])
+        except Exception as e:  # a failed forward fails the requests in it, not the server
+            log.exception("batched step failed")
+            for r in group:
+                self._finish(r, error=e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(group))
+        for r, result in zip(group, results):
+            self._advance(r, result)
 
     def _admit(self, block: bool) -> None:
         """Start newly submitted requests (their context building runs here)."""

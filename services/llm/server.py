@@ -1,7 +1,8 @@
 """gRPC glue for the LLM: bagel.v1.LLMService (GenerateText, GenerateImage, DeleteSession).
 
 Every request is submitted to one Scheduler, whose thread owns the engine and runs the steps of all
-concurrent requests in shared forwards (step-level batching). The servicer only translates messages
+concurrent requests in shared forwards (step-level batching), or each request's in forwards of its
+own with BAGEL_LLM_BATCH_INVARIANT. The servicer only translates messages
 (services/llm/convert.py), submits, and relays progress: the engine reports it on the scheduler's
 thread, a queue hands it to the RPC's thread, which streams it. When an RPC ends early (client
 cancel, deadline, shutdown) the request's cancel flag is set and the scheduler drops it at its next
@@ -57,6 +58,9 @@ class LLMSettings(EnvSettings):
     # idle time before a session is freed, unless the request sets one
     session_ttl_s: int = setting("BAGEL_SESSION_TTL_SECONDS", 600, low=1)
     max_sessions: int = setting("BAGEL_MAX_SESSIONS", 64, low=1)  # more get RESOURCE_EXHAUSTED
+    # each request's steps in forwards of its own: results bit-identical to a solo run, at a throughput
+    # cost (off by default: shared forwards; see Scheduler)
+    batch_invariant: bool = setting("BAGEL_LLM_BATCH_INVARIANT", False)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -94,9 +98,10 @@ class LLMRuntime:
     """The scheduler (the only user of the engine) and the session store, with a periodic expiry sweep."""
 
     def __init__(self, engine: LLMEngine, metrics: LLMMetrics, session_ttl_s: float, max_sessions: int,
-                 max_batch_tokens: int):
+                 max_batch_tokens: int, batch_invariant: bool = False):
         self.engine = engine
-        self.scheduler = Scheduler(engine, max_batch_tokens=max_batch_tokens, on_batch=metrics.batch.observe)
+        self.scheduler = Scheduler(engine, max_batch_tokens=max_batch_tokens, on_batch=metrics.batch.observe,
+                                   batch_invariant=batch_invariant)
         self.sessions = SessionStore(engine, default_ttl_s=session_ttl_s, max_sessions=max_sessions)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="llm-session-expiry", daemon=True)
@@ -118,11 +123,12 @@ class LLMServer(ModelServer):
     """A ModelServer whose engine is driven by an LLMRuntime, started with the weights and stopped after
     the gRPC grace period."""
 
-    def __init__(self, options: ServerOptions, session_ttl_s: float, max_sessions: int, max_batch_tokens: int):
+    def __init__(self, options: ServerOptions, session_ttl_s: float, max_sessions: int, max_batch_tokens: int,
+                 batch_invariant: bool = False):
         super().__init__(NAME, options)
         self.llm_metrics = LLMMetrics(self.metrics.registry)
         self.runtime: LLMRuntime | None = None
-        self._runtime_args = (session_ttl_s, max_sessions, max_batch_tokens)
+        self._runtime_args = (session_ttl_s, max_sessions, max_batch_tokens, batch_invariant)
 
     def load(self, loader: Callable[[], object]) -> None:
         def load_and_start():
@@ -326,12 +332,13 @@ def _session_id(value: str) -> str:
 
 def build_server(options: ServerOptions, cfg: BagelConfig, store: ObjectStore | None = None, *,
                  session_ttl_s: float | None = None, max_sessions: int | None = None,
-                 max_batch_tokens: int | None = None) -> LLMServer:
+                 max_batch_tokens: int | None = None, batch_invariant: bool | None = None) -> LLMServer:
     """The server, not started; the scheduler and sessions start with the weights (load())."""
     settings = LLMSettings.from_env()
     server = LLMServer(options, session_ttl_s=session_ttl_s or settings.session_ttl_s,
                        max_sessions=max_sessions or settings.max_sessions,
-                       max_batch_tokens=max_batch_tokens or settings.max_batch_tokens)
+                       max_batch_tokens=max_batch_tokens or settings.max_batch_tokens,
+                       batch_invariant=settings.batch_invariant if batch_invariant is None else batch_invariant)
     servicer = LLMServicer(server, cfg, Payloads(store))
     server.add_service(LLM_SERVICE, lambda s: llm_pb2_grpc.add_LLMServiceServicer_to_server(servicer, s))
     return server
