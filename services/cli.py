@@ -223,9 +223,12 @@ def cmd_stack(args) -> int:
                          indent=2), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
-            while all(p.poll() is None for p in stack.processes.values()):
+            # The stack restarts what exits (logging why); only a process it gave up on ends the command.
+            while not stack.gave_up:
                 time.sleep(1)
-            print("a process of the stack exited; see its log", file=sys.stderr)
+            for name, why in stack.gave_up.items():
+                print(f"{name} {why}: the stack gave up on it; see {workdir / 'logs' / (name + '.log')}",
+                      file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 0

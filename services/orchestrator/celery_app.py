@@ -6,7 +6,10 @@ runner.py registered on it.
 
 from __future__ import annotations
 
+import redis
 from celery import Celery, signals
+
+from services.orchestrator.heartbeat import Heartbeat
 
 from services.orchestrator.runner import Runtime, delete_session, execute
 from services.orchestrator.settings import OrchestratorSettings
@@ -35,6 +38,19 @@ def make_app(settings: OrchestratorSettings | None = None, runtime: Runtime | No
 
     signals.worker_ready.connect(start_janitor, weak=False)
     signals.worker_shutdown.connect(stop_janitor, weak=False)
+
+    # The consuming process says it is alive, for the gateway's readiness (heartbeat.py).
+    def start_heartbeat(sender, **_):
+        if sender.app is app:
+            client = redis.Redis.from_url(app.bagel_runtime.settings.redis_url)
+            app.bagel_heartbeat = Heartbeat(client, sender.hostname).start()
+
+    def stop_heartbeat(sender, **_):
+        if sender.app is app and getattr(app, "bagel_heartbeat", None) is not None:
+            app.bagel_heartbeat.stop()
+
+    signals.worker_ready.connect(start_heartbeat, weak=False)
+    signals.worker_shutdown.connect(stop_heartbeat, weak=False)
 
     # The gateway waits for this one's answer (through the result backend); nothing to redo if lost.
     @app.task(name=DELETE_SESSION_TASK, bind=True, shared=False, ignore_result=False, acks_late=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import grpc
@@ -33,13 +34,15 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run_demo(out_dir: Path, workdir: Path, checkpoint: str | None = None, device: str = "cpu") -> dict:
+def run_demo(out_dir: Path, workdir: Path, checkpoint: str | None = None, device: str = "cpu",
+             stack: LocalStack | None = None) -> dict:
+    """With `stack`, on that running stack (left running), else on a new one stopped at the end."""
     out_dir.mkdir(parents=True, exist_ok=True)
     image = demo_picture()
     image.save(out_dir / "input.png")
     image_b64 = base64.b64encode(_png(image)).decode()
     report: dict = {}
-    with LocalStack(workdir, checkpoint=checkpoint, device=device) as stack, \
+    with (nullcontext(stack) if stack is not None else LocalStack(workdir, checkpoint=checkpoint, device=device)) as stack, \
             httpx.Client(base_url=stack.http_url, timeout=660,
                          headers={"authorization": f"Bearer {stack.auth_token}"}) as http, \
             grpc.insecure_channel(stack.grpc_address) as channel:

@@ -44,5 +44,9 @@ class OrchestratorSettings(EnvSettings):
     # any job not ended this long after it was accepted ends FAILED / DEADLINE_EXCEEDED; above the
     # longest deadline (7 days)
     max_age_s: int = setting("BAGEL_JOB_MAX_AGE_SECONDS", 7 * 86400 + 3600, low=60)
+    # The gateway's /readyz fails (503) while no worker consumes the job queue. Off by default: on Kubernetes
+    # KEDA may scale workers from zero, and only a ready gateway accepts the jobs that make them scale up.
+    # The local stack turns it on.
+    ready_requires_worker: bool = setting("BAGEL_READY_REQUIRES_WORKER", False)
     # the served model's name in the OpenAI-compatible API (`model`, /v1/models)
     model_name: str = setting("BAGEL_MODEL_NAME", "BAGEL-7B-MoT")

@@ -427,6 +427,34 @@ def test_readiness_follows_redis(redis_server, vit_server, vae_server, llm_serve
         o.close()
 
 
+def test_readiness_names_a_missing_worker_when_one_is_required(redis_server, vit_server, vae_server, llm_server,
+                                                               store):
+    from services.orchestrator.heartbeat import Heartbeat
+
+    s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",
+                     redis_url=redis_server.url[:-1] + "12", ready_requires_worker=True)
+    o = Orchestrator(s, store, worker=False)
+    try:
+        r = o.http.get("/readyz")
+        assert r.status_code == 503 and "no worker is consuming the job queue" in r.json()["reason"]
+        assert r.json()["workers"] == 0
+        # A worker's heartbeat (what every worker process writes from worker_ready on) makes it ready.
+        beat = Heartbeat(o.jobs.r, "celery@test", interval_s=1).start()
+        try:
+            deadline = time.monotonic() + 10
+            while (r := o.http.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, r.json()
+                time.sleep(0.1)
+            assert r.json()["workers"] == 1
+        finally:
+            beat.stop()
+        # A clean shutdown removes the key at once.
+        assert o.http.get("/readyz").status_code == 503
+    finally:
+        o.jobs.r.flushdb()
+        o.close()
+
+
 def test_readiness_fails_while_redis_refuses_writes(redis_server, vit_server, vae_server, llm_server, store):
     # A full Redis (maxmemory reached, noeviction) still answers PING: readiness must try a write.
     s = settings_for(redis_server, vit_server, vae_server, f"127.0.0.1:{llm_server.port}",

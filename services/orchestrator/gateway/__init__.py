@@ -17,7 +17,7 @@ HTTP (bodies are the protos in protobuf's JSON mapping; `workflow` also takes "g
     GET  /v1/jobs/{id}/image         the output PNG of a generate / edit job
     POST /v1/jobs/{id}/cancel        cancel; the Job
     DELETE /v1/sessions/{id}         end a conversation now (404 when there is none)
-    GET  /healthz                    alive;  GET /readyz: Redis and the bucket reachable
+    GET  /healthz                    alive;  GET /readyz: Redis and the bucket reachable (and a worker, if required)
 """
 
 from services.orchestrator.gateway.grpc_api import JobServicer

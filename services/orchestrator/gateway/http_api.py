@@ -156,15 +156,19 @@ def build_http_app(g: Gateway, auth_token: str | None = None, stopping: threadin
         """Alive: answers at once, whatever else is open."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "Redis or the bucket unreachable"}})
+    @app.get("/readyz", responses={503: {"description": "Redis or the bucket unreachable, or (when "
+                                                    "BAGEL_READY_REQUIRES_WORKER) no worker consuming jobs"}})
     async def readyz():
+        """`workers`: how many consume the job queue, reported always, required only when configured."""
+        workers = None
         try:
             await g.reader.ping()
             why = await run_in_threadpool(g.ready)
+            workers = await run_in_threadpool(g.workers)
         except Exception as e:  # noqa: BLE001
             why = f"redis: {e}"
-        return JSONResponse({"status": "ok" if why is None else "unavailable", "reason": why or ""},
-                            status_code=200 if why is None else 503)
+        return JSONResponse({"status": "ok" if why is None else "unavailable", "reason": why or "",
+                             "workers": workers}, status_code=200 if why is None else 503)
 
     @app.get("/playground", include_in_schema=False)
     async def playground():

@@ -22,6 +22,7 @@ from services.common.contracts import InputError, NoOutput, QueueFull, SessionNo
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.common.storage import UPLOADS_PREFIX, ObjectNotFound, ObjectStore, StorageError, job_prefix
+from services.orchestrator.heartbeat import live_workers
 from services.orchestrator.jobs import AsyncJobReader, JobStore
 from services.orchestrator.metrics import GatewayMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_request, check_session_id, plan_job
@@ -175,8 +176,13 @@ class Gateway:
     def image(self, job_id: str) -> bytes:
         return self.result_image(job_id, "png")
 
+    def workers(self) -> int:
+        """How many workers are consuming the job queue (their heartbeats in Redis)."""
+        return live_workers(self.jobs.r)
+
     def ready(self) -> str | None:
-        """None when Redis accepts writes and the bucket answers, else what does not."""
+        """None when Redis accepts writes and the bucket answers (and, with BAGEL_READY_REQUIRES_WORKER, a
+        worker consumes the queue), else what does not."""
         try:
             self.jobs.r.ping()
         except redis.RedisError as e:
@@ -190,6 +196,8 @@ class Gateway:
             self.store.ensure_bucket()
         except StorageError as e:
             return f"object storage: {e}"
+        if self.settings.ready_requires_worker and self.workers() == 0:
+            return f"no worker is consuming the job queue ({QUEUE})"
         return None
 
     def _with_image(self, job: jobs_pb2.Job, inline: bool) -> jobs_pb2.Job:
