@@ -67,14 +67,27 @@ def valid_id(job_id: str) -> bool:
     return 0 < len(job_id) <= 64 and set(job_id) <= _ID_CHARS
 
 
+def connections_for(streams: int) -> int:
+    """Redis connections for `streams` concurrent watches: a pub/sub connection and a read each, plus headroom
+    for the rest of the process (the HTTP front's thread pool, readiness and metrics reads)."""
+    return 2 * streams + 64
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, ttl_seconds: int = 86400):
         self.r, self.ttl = client, ttl_seconds
 
     @classmethod
-    def from_url(cls, url: str, **kwargs) -> "JobStore":
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                        health_check_interval=30), **kwargs)
+    def from_url(cls, url: str, max_connections: int = 100, **kwargs) -> "JobStore":
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+                                        max_connections=max_connections), **kwargs)
+
+    def fit_streams(self, streams: int) -> None:
+        """Grow the connection pool for `streams` jobs followed at once (watch holds a pub/sub connection for
+        its whole length and borrows another for each read). Past the pool's size redis-py fails at once
+        ("Too many connections"): its default of 100 capped a gateway at ~99 concurrent Watches."""
+        pool = self.r.connection_pool
+        pool.max_connections = max(pool.max_connections, connections_for(streams))
 
     # ---- keys ----
     @staticmethod

@@ -35,6 +35,8 @@ class GatewayProcess:
     def __init__(self, gateway: Gateway, *, host: str = "127.0.0.1", http_port: int = 8080, grpc_port: int = 50050,
                  metrics_port: int = 0, auth_token: str | None = None, max_concurrency: int = 256):
         self.gateway = gateway
+        # Every admitted Run / Watch follows its job on a pub/sub connection of the job store's pool.
+        gateway.jobs.fit_streams(max_concurrency)
         options = ServerOptions(host=host, port=grpc_port, metrics_port=metrics_port, auth_token=auth_token,
                                 max_concurrency=max_concurrency, drain_seconds=0.0, grace_seconds=10.0)
         metrics = Metrics()
