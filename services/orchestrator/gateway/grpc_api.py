@@ -9,6 +9,7 @@ import grpc
 
 from services.common.protos import jobs_pb2_grpc, llm_pb2
 from services.orchestrator.gateway.operations import Gateway
+from services.orchestrator.gateway.streams import client_key, grpc_peer_address
 from services.orchestrator.jobs import is_terminal
 
 log = logging.getLogger("bagel.gateway")
@@ -18,8 +19,8 @@ JOB_ID_KEY = "bagel-job-id"  # trailing metadata of a stream the gateway ended e
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, gateway: Gateway, stopping: threading.Event | None = None):
-        self.g = gateway
+    def __init__(self, gateway: Gateway, stopping: threading.Event | None = None, auth_token: str | None = None):
+        self.g, self.auth_token = gateway, auth_token
         # Set by the process before its servers stop: open streams then end with UNAVAILABLE, jobs untouched.
         self.stopping = stopping or threading.Event()
 
@@ -27,36 +28,38 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return self.g.submit(request)
 
     def Run(self, request, context):
-        job, updates = self.g.run(request, request.inline_image, alive=self._alive(context))
-        ended = threading.Event()
+        with self._stream(context):  # counted before the job is submitted: a refused Run submits nothing
+            job, updates = self.g.run(request, request.inline_image, alive=self._alive(context))
+            ended = threading.Event()
 
-        def on_done():
-            # A caller that hangs up or whose deadline passes does not leave its run going; a gateway
-            # shutting down is not the caller giving up (a rolling restart must not cancel users' work).
-            if not ended.is_set() and not self.stopping.is_set():
-                try:
-                    self.g.cancel(job.id)
-                except Exception:  # noqa: BLE001
-                    log.warning("could not cancel an abandoned run", exc_info=True, extra={"job_id": job.id})
+            def on_done():
+                # A caller that hangs up or whose deadline passes does not leave its run going; a gateway
+                # shutting down is not the caller giving up (a rolling restart must not cancel users' work).
+                if not ended.is_set() and not self.stopping.is_set():
+                    try:
+                        self.g.cancel(job.id)
+                    except Exception:  # noqa: BLE001
+                        log.warning("could not cancel an abandoned run", exc_info=True, extra={"job_id": job.id})
 
-        context.add_callback(on_done)
-        # No timeout of our own: the caller's deadline ends the call (DEADLINE_EXCEEDED), gRPC enforces it.
-        for update in updates:
-            if is_terminal(update):
-                ended.set()
-            yield update
-        if not ended.is_set():
-            self._end_resumable(context, job.id)
+            context.add_callback(on_done)
+            # No timeout of our own: the caller's deadline ends the call (DEADLINE_EXCEEDED), gRPC enforces it.
+            for update in updates:
+                if is_terminal(update):
+                    ended.set()
+                yield update
+            if not ended.is_set():
+                self._end_resumable(context, job.id)
 
     def Get(self, request, context):
         return self.g.get(request.id, request.inline_image)
 
     def Watch(self, request, context):
-        last = None
-        for last in self.g.watch(request.id, None, request.inline_image, alive=self._alive(context)):
-            yield last
-        if last is not None and not is_terminal(last):
-            self._end_resumable(context, last.id)
+        with self._stream(context):
+            last = None
+            for last in self.g.watch(request.id, None, request.inline_image, alive=self._alive(context)):
+                yield last
+            if last is not None and not is_terminal(last):
+                self._end_resumable(context, last.id)
 
     def Cancel(self, request, context):
         return self.g.cancel(request.id)
@@ -64,6 +67,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def DeleteSession(self, request, context):
         self.g.delete_session(request.session_id)
         return llm_pb2.DeleteSessionResponse(deleted=True)
+
+    def _stream(self, context):
+        """This call as one of its client's open streams (TooManyStreams -> RESOURCE_EXHAUSTED past the limit).
+        The AuthInterceptor has already checked the token, so with auth on it names the client."""
+        token = None
+        if self.auth_token:
+            token = dict(context.invocation_metadata()).get("authorization", "").partition(" ")[2].strip()
+        return self.g.streams.hold(client_key(token, grpc_peer_address(context.peer())))
 
     def _alive(self, context):
         return lambda: context.is_active() and not self.stopping.is_set()

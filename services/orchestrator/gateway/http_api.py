@@ -9,7 +9,9 @@ import json
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +26,7 @@ from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.orchestrator.gateway.openai_errors import is_openai_path, openai_error
 from services.orchestrator.gateway.operations import IMAGE_FORMATS, Gateway
+from services.orchestrator.gateway.streams import client_key
 from services.orchestrator.jobs import is_terminal
 
 log = logging.getLogger("bagel.gateway")
@@ -227,13 +230,21 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            # Held around the whole response, an event stream's body included; released however it ends.
+            with self.g.streams.hold(self._client(scope, headers)) if _waits(scope) else nullcontext():
+                await self.app(scope, receive, send_and_note)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error with its status
             if "code" in status:
                 raise  # the response had started (a stream): nothing else can be sent
             await self._respond(scope, _error_json(path, exc), receive, send)
             return
         self._count(scope, status.get("code", 500))
+
+    def _client(self, scope, headers: dict[str, str]) -> str:
+        # With auth on, the token was checked in _refusal: it names the client.
+        token = headers.get("authorization", "").partition(" ")[2].strip() if self.auth_token else None
+        client = scope.get("client")
+        return client_key(token, client[0] if client else None)
 
     def _refusal(self, path: str, headers: dict[str, str]):
         if self.auth_token and path.startswith("/v1/"):
@@ -255,6 +266,27 @@ class Guard:
         if self.g.metrics is not None:
             route = scope.get("route")
             self.g.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(code)).inc()
+
+
+# The OpenAI-compatible calls that answer once their jobs have ended (or stream until then).
+_WAITING_OPENAI = ("/v1/images/generations", "/v1/images/edits", "/v1/chat/completions")
+
+
+def _waits(scope) -> bool:
+    """Whether a request stays open while a job runs: an event stream, a long poll (`wait` other than 0) or a
+    synchronous OpenAI call. These count against the client's open streams."""
+    path, method = scope["path"].rstrip("/"), scope["method"]
+    if method == "GET" and path.startswith("/v1/jobs/") and path.endswith("/events"):
+        return True
+    if method == "POST" and path in _WAITING_OPENAI:
+        return True
+    if (method, path.count("/")) in (("POST", 2), ("GET", 3)) and path.startswith("/v1/jobs"):
+        wait = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("wait", [""])[-1]
+        try:
+            return float(wait) > 0
+        except ValueError:
+            return False  # absent or malformed: answered at once (400 for the latter)
+    return False
 
 
 async def _connected(request: Request) -> bool:

@@ -23,6 +23,7 @@ from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.common.storage import UPLOADS_PREFIX, ObjectNotFound, ObjectStore, StorageError, job_prefix
 from services.orchestrator.heartbeat import live_workers
+from services.orchestrator.gateway.streams import ClientStreams
 from services.orchestrator.jobs import AsyncJobReader, JobStore
 from services.orchestrator.metrics import GatewayMetrics
 from services.orchestrator.plan import WORKFLOW_NAMES, JobPlan, check_request, check_session_id, plan_job
@@ -59,6 +60,8 @@ class Gateway:
         # the HTTP front's asyncio view of the same records
         self.reader = reader or AsyncJobReader(settings.redis_url, ttl_seconds=settings.job_ttl_s)
         self.metrics: GatewayMetrics | None = None
+        # open waiting requests per client, over both fronts
+        self.streams = ClientStreams(settings.max_streams_per_client)
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
         self.metrics = GatewayMetrics(registry, queue_depth=lambda: self.jobs.r.llen(QUEUE))

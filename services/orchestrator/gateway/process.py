@@ -44,7 +44,7 @@ class GatewayProcess:
         self.grpc = ModelServer("gateway", options, metrics)
         # Set first thing in stop(): both fronts end their waits (streams, long polls) without cancelling.
         self.stopping = threading.Event()
-        servicer = JobServicer(gateway, self.stopping)
+        servicer = JobServicer(gateway, self.stopping, auth_token)
         self.grpc.add_service(service_name(jobs_pb2, "JobService"),
                               lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s))
         self.http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
