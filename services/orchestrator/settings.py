@@ -39,7 +39,7 @@ class OrchestratorSettings(EnvSettings):
     # the gateway refuses (RESOURCE_EXHAUSTED / 429) a client's waiting request (gRPC Run / Watch, HTTP long
     # poll, event stream, synchronous OpenAI call) beyond this many open; a client is its bearer token when
     # auth is on, else its address
-    max_streams_per_client: int = setting("BAGEL_MAX_STREAMS_PER_CLIENT", 64, low=1)
+    max_streams_per_client: int = setting("BAGEL_MAX_STREAMS_PER_CLIENT", 512, low=1)
     # the workers' janitor: orphaned jobs queued again, expired objects deleted
     sweep_s: int = setting("BAGEL_JOB_SWEEP_SECONDS", 15, low=1)
     # a job not started this long after its message was sent, and whose message is gone from the

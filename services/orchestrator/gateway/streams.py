@@ -5,6 +5,8 @@ address (IP, whatever the port)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import threading
 from collections import Counter
 from contextlib import contextmanager
@@ -48,8 +50,12 @@ class ClientStreams:
 
 
 def client_key(token: str | None, address: str | None) -> str:
-    """The token when auth is on (each token its own client), else the peer's address."""
-    return f"token:{token}" if token else f"address:{address or 'unknown'}"
+    """The peer's address, and with auth its token too: callers that share the deployment's one token
+    are still told apart by where they call from. The token is kept only as a short hash."""
+    where = f"address:{address or 'unknown'}"
+    if not token:
+        return where
+    return f"token:{hashlib.sha256(token.encode()).hexdigest()[:16]}/{where}"
 
 
 def grpc_peer_address(peer: str) -> str:
