@@ -15,6 +15,7 @@ from services.common.contracts import MAX_SESSION_TTL_S, ImageParams, InputError
 from services.common.images import MAX_IMAGE_PIXELS, ImageError, image_size
 from services.common.protos import jobs_pb2, llm_pb2
 from services.orchestrator.gateway.operations import Gateway
+from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.plan import (DEFAULT_CONFIG, MAX_DEADLINE_S, MAX_IDEMPOTENCY_KEY, MAX_PROMPT_CHARS,
                                         check_context, check_request, plan_job)
 
@@ -251,7 +252,7 @@ class _UnreadableStore:
 
 
 def test_the_gateway_checks_the_request_before_reading_its_image_key():
-    g = Gateway(jobs=None, store=_UnreadableStore(), celery=None, settings=None, reader=object())
+    g = Gateway(jobs=None, store=_UnreadableStore(), celery=None, settings=OrchestratorSettings(), reader=object())
     req = request(workflow=EDIT, image=png(), image_key="uploads/missing.png")
     with pytest.raises(InputError, match="not both"):
         g._submit(req, "job-1")
