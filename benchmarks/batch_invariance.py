@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout without installing
-from engine import random_engine, timed_pair  # noqa: E402  (benchmarks/engine.py)
+from engine import add_engine_arguments, engine_from_args, timed_pair  # noqa: E402  (benchmarks/engine.py)
 from services.common.contracts import Controls, ImageParams, TextItem  # noqa: E402
 from services.llm.scheduler import Scheduler  # noqa: E402
 
@@ -50,20 +50,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="square output side (pixels)")
     ap.add_argument("--steps", type=int, default=10, help="timesteps (steps-1 model evaluations per request)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    ap.add_argument("--attention", default=None, help="sdpa or triton (default: triton on CUDA)")
-    ap.add_argument("--kv-tokens", type=int, default=65536)
+    add_engine_arguments(ap)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-
-    llm = random_engine(args.preset, args.device, dtype, args.attention, args.kv_tokens)
+    llm, sync = engine_from_args(args)
     n, model_steps = args.requests, args.steps - 1
     shared, invariant = timed_pair(lambda: run_concurrent(llm, n, args.size, args.steps, False),
                                    lambda: run_concurrent(llm, n, args.size, args.steps, True), args.repeats, sync)
 
-    print(f"\npreset={args.preset} device={args.device} dtype={dtype} attention={llm.attention.name} "
+    print(f"\npreset={args.preset} device={args.device} dtype={llm.dtype} attention={llm.attention.name} "
           f"torch threads={torch.get_num_threads()}; {n} concurrent text-to-image requests, {args.size}px, "
           f"{model_steps} steps, 2 CFG branches\n")
     print("| mode | wall time (s) | requests/s | denoising steps/s |\n|---|---|---|---|")

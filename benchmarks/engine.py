@@ -71,6 +71,21 @@ def timed(fn, repeats: int, sync) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a random engine, shared by the engine benchmarks."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--attention", default=None, help="sdpa or triton (default: triton on CUDA)")
+    ap.add_argument("--kv-tokens", type=int, default=65536)
+
+
+def engine_from_args(args: argparse.Namespace):
+    """(engine with random weights of args.preset, a device sync for timing) from add_engine_arguments'."""
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    return random_engine(args.preset, args.device, dtype, args.attention, args.kv_tokens), sync
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -78,15 +93,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timesteps (steps-1 model evaluations)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens for understanding")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    ap.add_argument("--attention", default=None, help="sdpa or triton (default: triton on CUDA)")
-    ap.add_argument("--kv-tokens", type=int, default=65536)
+    add_engine_arguments(ap)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-
-    llm = random_engine(args.preset, args.device, dtype, args.attention, args.kv_tokens)
+    llm, sync = engine_from_args(args)
     cfg = llm.cfg
     g = torch.Generator().manual_seed(0)
     prompt = "A photograph of a small red boat on a calm lake at sunrise, mist over the water, soft light"
@@ -113,7 +122,7 @@ def main() -> None:
     rows.append((f"understand ({vit_item.features.shape[0]} image tokens + question), {res.tokens} new tokens",
                  sec, f"{res.tokens / sec:.1f} tok/s incl. prefill"))
 
-    print(f"\npreset={args.preset} device={args.device} dtype={dtype} attention={llm.attention.name} "
+    print(f"\npreset={args.preset} device={args.device} dtype={llm.dtype} attention={llm.attention.name} "
           f"torch threads={torch.get_num_threads()}\n")
     print("| workload | median latency (s) | rate |\n|---|---|---|")
     for name, sec, rate in rows:

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 
 from services.common.config import BagelConfig
-from services.common.contracts import (ContextItem, ImageParams, InputError, messages, Progress, TextItem, THINK_END,
-                                       VAEImageItem, ViTImageItem)
+from services.common.contracts import (ContextItem, ImageParams, InputError, messages, partial_think_end, Progress,
+                                       TextItem, THINK_END, VAEImageItem, ViTImageItem)
 from services.common.protos import llm_pb2
 from services.common.tensor_codec import expect
 
@@ -106,16 +106,9 @@ class TextDeltas:
         if not final:
             text = text.rstrip("\ufffd")
             if stage == THINK and self.split:
-                text = text[:len(text) - _partial_tag(text)]
+                text = text[:len(text) - partial_think_end(text)]
         if len(text) <= len(sent) or not text.startswith(sent):
             return []  # nothing new, or the decoder rewrote earlier text: TextDone carries the truth
         self.sent[stage] = text
         return [llm_pb2.TextDelta(stage=stage, text=text[len(sent):], tokens=tokens, max_tokens=budget)]
 
-
-def _partial_tag(text: str) -> int:
-    """Length of the longest proper prefix of `</think>` that `text` ends with."""
-    for n in range(len(THINK_END) - 1, 0, -1):
-        if text.endswith(THINK_END[:n]):
-            return n
-    return 0

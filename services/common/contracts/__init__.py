@@ -12,9 +12,10 @@ from services.common.contracts.errors import (HTTP_FOR_CODE, Cancelled, Conflict
                                               UnsupportedMediaType,
                                               grpc_code_of, http_status_of)
 from services.common.contracts.progress import Controls, Progress
-from services.common.contracts.requests import (ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_SESSION_ID, MAX_SESSION_TTL_S,
-                                                RENORM_TYPES, THINK_END, THINK_TOKENS, ContextItem, ImageParams,
-                                                SessionRef, TextItem, TextParams, VAEImageItem, ViTImageItem)
+from services.common.contracts.requests import (ANSWER_TOKENS, ContextItem, ImageParams, MAX_NEW_TOKENS,
+                                                MAX_SESSION_ID, MAX_SESSION_TTL_S, partial_think_end, RENORM_TYPES,
+                                                SessionRef, TextItem, TextParams, THINK_END, THINK_TOKENS,
+                                                VAEImageItem, ViTImageItem)
 from services.common.contracts.results import ImageResult, UnderstandResult
 
 __all__ = [
@@ -24,5 +25,5 @@ __all__ = [
     "NotFound", "NotReady", "PermissionDenied", "Progress", "QueueFull", "ResourceExhausted", "ServiceError",
     "SessionBusy", "SessionLost", "SessionNotFound", "SessionRef", "TextItem", "TextParams", "TooLarge",
     "TooManySessions", "Unavailable", "UnderstandResult", "UnsupportedMediaType", "VAEImageItem", "ViTImageItem",
-    "grpc_code_of", "http_status_of",
+    "grpc_code_of", "http_status_of", "partial_think_end",
 ]

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 ANSWER_TOKENS, THINK_TOKENS = 512, 1000
 MAX_NEW_TOKENS = 32768
 THINK_END = "</think>"
+
+
+def partial_think_end(text: str) -> int:
+    """Length of the longest proper prefix of `</think>` that `text` ends with: text a streaming reader
+    holds back, since the tag may still complete."""
+    for n in range(len(THINK_END) - 1, 0, -1):
+        if text.endswith(THINK_END[:n]):
+            return n
+    return 0
 RENORM_TYPES = ("global", "channel", "text_channel")
 # A session as the LLM service keeps it; the gateway refuses the same values before accepting a job.
 MAX_SESSION_ID = 256           # characters, printable

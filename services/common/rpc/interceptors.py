@@ -65,14 +65,24 @@ def wrap(handler: grpc.RpcMethodHandler | None, guard: Guard) -> grpc.RpcMethodH
                 yield from behavior(request, context)
         return run
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+    return rebuild_handler(handler, lambda behavior, streams: streaming(behavior) if streams else unary(behavior))
+
+
+_HANDLER_FACTORIES = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                      ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                      ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                      ("stream_stream", grpc.stream_stream_rpc_method_handler))
+
+
+def rebuild_handler(handler: grpc.RpcMethodHandler, change, request_deserializer=None) -> grpc.RpcMethodHandler:
+    """The same method handler with its behavior passed through change(behavior, streams_responses)."""
+    kw = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    for kind, factory in _HANDLER_FACTORIES:
+        behavior = getattr(handler, kind)
+        if behavior:
+            return factory(change(behavior, kind.endswith("_stream")), **kw)
+    raise ValueError("a method handler without a behavior")
 
 
 def split_method(full: str) -> tuple[str, str]:
@@ -226,15 +236,8 @@ def refuse_undecodable(handler: grpc.RpcMethodHandler | None, method: str) -> gr
             return lambda requests, context: behavior((check(r) for r in requests), context)
         return lambda request, context: behavior(check(request), context)
 
-    kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
-              response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(checked(handler.stream_unary), **kw)
-    return grpc.stream_stream_rpc_method_handler(checked(handler.stream_stream), **kw)
+    return rebuild_handler(handler, lambda behavior, streams: checked(behavior),
+                           request_deserializer=_tolerant(handler.request_deserializer))
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

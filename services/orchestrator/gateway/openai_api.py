@@ -24,8 +24,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from services.common.contracts import (ANSWER_TOKENS, HTTP_FOR_CODE, THINK_END, THINK_TOKENS, DeadlineExceeded, InputError, NotFound,
-                                       ServiceError, TooLarge, messages)
+from services.common.contracts import (ANSWER_TOKENS, DeadlineExceeded, HTTP_FOR_CODE, InputError, messages, NotFound,
+                                       partial_think_end, ServiceError, THINK_END, THINK_TOKENS, TooLarge)
 from services.common.images import MAX_IMAGE_BYTES
 from services.common.protos import jobs_pb2
 from services.orchestrator.gateway.openai_errors import openai_error
@@ -454,7 +454,7 @@ class _ThinkSplit:
             return self._emit("content", text, final=True)
         head, tag, tail = text.partition(THINK_END)
         if not tag:
-            head = head[:len(head) - _partial_tag(head)]
+            head = head[:len(head) - partial_think_end(head)]
         out = self._emit("reasoning_content", head.replace("<think>", "").strip())
         if tag:
             out += self._emit("content", tail.strip())
@@ -472,12 +472,6 @@ class _ThinkSplit:
         self.sent[field] = target
         return [{field: target[len(sent):]}]
 
-
-def _partial_tag(text: str) -> int:
-    for n in range(len(THINK_END) - 1, 0, -1):
-        if text.endswith(THINK_END[:n]):
-            return n
-    return 0
 
 
 _MULTIPART_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
